@@ -1,0 +1,3 @@
+from ppvae.cli import main
+
+raise SystemExit(main())

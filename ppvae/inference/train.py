@@ -1,0 +1,323 @@
+"""``fit``: the training loop around :class:`pyro.infer.SVI` (DESIGN §2, §6).
+
+Each epoch: a seeded shuffle, SVI steps over mini-batches, the validation ELBO per data point
+(``ppvae.inference.elbo``), then an atomic checkpoint (model, optimizer, RNG states, epoch, config)
+and one line in ``metrics.jsonl``. Randomness that changes per epoch (shuffle, dynamic
+binarisation) is derived from ``(seed, epoch)`` and the global RNG state is checkpointed, so
+``resume=True`` continues exactly where the last completed epoch left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+from tqdm.auto import tqdm
+
+from ppvae.checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    model_identity,
+    restore_module,
+    rng_state,
+    set_rng_state,
+)
+from ppvae.errors import DivergenceError, PPVAEError
+from ppvae.inference.importance import elbo
+
+LAST_CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "checkpoint-best.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` did: one dict per epoch (also in ``metrics.jsonl``) and where it wrote."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_elbo: float | None = None
+    run_dir: Path | None = None
+    resumed_from_epoch: int = 0
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PPVAEError(
+            "--device cuda was asked for but no CUDA device is available; use auto/cpu"
+        )
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise PPVAEError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _as_pair(data) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(data, torch.Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise PPVAEError(f"x has {x.shape[0]} points but y has {y.shape[0]}; they must match")
+        return x, y
+    raise PPVAEError(
+        "data must be a tensor [N, ...], a pair (x, y) of tensors, a torch Dataset or a DataLoader"
+    )
+
+
+class _Batches:
+    """Uniform access to fit's kinds of ``data``: yields ``(x, y)`` batches on ``device``."""
+
+    def __init__(self, data, batch_size: int, device: torch.device, seed: int):
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.loader = None
+        self.epoch_fn: Callable[[int], tuple] | None = None
+        if isinstance(data, torch.utils.data.DataLoader):
+            self.loader = data
+        elif hasattr(data, "epoch"):
+            self.epoch_fn = data.epoch
+            self.num_data = len(data)
+        elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list)):
+            generator = torch.Generator().manual_seed(seed)
+            self.loader = torch.utils.data.DataLoader(
+                data, batch_size=batch_size, shuffle=True, generator=generator
+            )
+        else:
+            x, y = _as_pair(data)
+            self.fixed = (x.to(device), None if y is None else y.to(device))
+            self.epoch_fn = lambda epoch: self.fixed
+            self.num_data = x.shape[0]
+        if self.loader is not None:
+            self.num_data = len(self.loader.dataset)
+
+    def __len__(self) -> int:
+        if self.loader is not None:
+            return len(self.loader)
+        return math.ceil(self.num_data / self.batch_size)
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.loader is not None:
+            return _split_batch(next(iter(self.loader)), self.device)
+        x, y = self.epoch_fn(0)
+        return x[: self.batch_size].to(self.device), None if y is None else y[: self.batch_size]
+
+    def epoch(self, epoch: int):
+        if self.loader is not None:
+            if hasattr(self.loader.sampler, "set_epoch"):
+                self.loader.sampler.set_epoch(epoch)
+            for batch in self.loader:
+                yield _split_batch(batch, self.device)
+            return
+        x, y = self.epoch_fn(epoch)
+        x = x.to(self.device)
+        y = None if y is None else y.to(self.device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(x.shape[0], generator=generator).to(self.device)
+        for start in range(0, x.shape[0], self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield x[index], None if y is None else y[index]
+
+
+def _split_batch(batch, device):
+    if isinstance(batch, (tuple, list)):
+        x, y = batch[0], batch[1] if len(batch) > 1 else None
+    else:
+        x, y = batch, None
+    return x.to(device), None if y is None else y.to(device)
+
+
+def validation_elbo(
+    module, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, num_particles: int = 1
+) -> float:
+    """Mean per-point ELBO on held-out data (no gradients, batched)."""
+    device = next(module.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device)
+            yb = None if y is None else y[start : start + batch_size].to(device)
+            total += float(
+                elbo(module.model, module.guide, xb, yb, num_particles=num_particles).sum()
+            )
+    return total / x.shape[0]
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    history = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record["epoch"] <= upto_epoch:
+                history.append(record)
+    return history
+
+
+def fit(
+    module: nn.Module,
+    data,
+    *,
+    loss: pyro.infer.ELBO | None = None,
+    optimizer: pyro.optim.PyroOptim | None = None,
+    lr: float = 1e-3,
+    epochs: int = 10,
+    batch_size: int = 100,
+    device: str | torch.device = "auto",
+    validation=None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    epoch_metrics: Callable[[nn.Module], dict] | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train ``module.model`` / ``module.guide`` with SVI.
+
+    ``data``: a tensor ``[N, ...]``, a pair ``(x, y)``, a ``Dataset`` (an object with an
+    ``epoch(e) -> (x, y)`` method, such as ``ppvae.data.DynamicBinarization``, gets a fresh view
+    per epoch) or a ``DataLoader``. ``validation``: a tensor or ``(x, y)`` pair for the
+    per-epoch validation ELBO. With ``run_dir``, checkpoints and ``metrics.jsonl`` are written
+    there after every epoch; ``resume=True`` continues from ``run_dir/checkpoint.pt``.
+    ``optimizer`` defaults to ``pyro.optim.Adam({"lr": lr})``; ``loss`` to ``Trace_ELBO()``.
+    If ``loss`` has a ``set_epoch(epoch)`` method (KL warm-up, β schedules) it is called before
+    every epoch (1-based). ``epoch_metrics(module) -> dict`` adds entries to each epoch's record.
+    The global Pyro param store is cleared first, so parameters of an earlier run cannot leak in.
+    """
+    if epochs < 0 or batch_size < 1:
+        raise PPVAEError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if resume and run_dir is None:
+        raise PPVAEError("resume=True needs run_dir (where the checkpoint is)")
+    device = resolve_device(device)
+    run_dir = None if run_dir is None else Path(run_dir)
+    loss = loss if loss is not None else Trace_ELBO()
+    optimizer = optimizer if optimizer is not None else pyro.optim.Adam({"lr": lr})
+    config = dict(config or {})
+
+    pyro.clear_param_store()
+    module.to(device)
+    result = FitResult(run_dir=run_dir)
+    start_epoch = 1
+    if resume:
+        checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+        restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
+        module.to(device)
+        optimizer.set_state(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"] + 1
+        result.resumed_from_epoch = checkpoint["epoch"]
+        result.best_epoch = checkpoint.get("best_epoch")
+        result.best_val_elbo = checkpoint.get("best_val_elbo")
+        result.history = _read_history(run_dir / METRICS_FILE, checkpoint["epoch"])
+        seed = checkpoint["seed"]
+    else:
+        pyro.set_rng_seed(seed)
+
+    batches = _Batches(data, batch_size, device, seed)
+    check = getattr(module, "check_data", None)
+    if check is not None:
+        check(batches.first()[0])
+        if validation is not None:
+            check(_as_pair(validation)[0])
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            "".join(json.dumps(record) + "\n" for record in result.history), run_dir / METRICS_FILE
+        )
+
+    svi = SVI(module.model, module.guide, optimizer, loss=loss)
+    bar = tqdm(
+        total=max(0, epochs - start_epoch + 1) * len(batches),
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+    )
+    try:
+        for epoch in range(start_epoch, epochs + 1):
+            module.train()
+            if hasattr(loss, "set_epoch"):
+                loss.set_epoch(epoch)
+            bar.set_description(f"epoch {epoch}/{epochs}")
+            tic = time.perf_counter()
+            total_loss, steps = 0.0, 0
+            for xb, yb in batches.epoch(epoch):
+                step_loss = svi.step(xb, yb)
+                steps += 1
+                if not math.isfinite(step_loss):
+                    where = (
+                        f"; the last good checkpoint is {run_dir / LAST_CHECKPOINT}"
+                        if run_dir is not None and (run_dir / LAST_CHECKPOINT).exists()
+                        else ""
+                    )
+                    raise DivergenceError(
+                        f"training diverged at epoch {epoch}, step {steps} (loss={step_loss})"
+                        f"{where}; lower the learning rate (--lr) or check the data"
+                    )
+                total_loss += step_loss
+                bar.update(1)
+            module.eval()
+            record = {
+                "epoch": epoch,
+                "train_loss": total_loss / batches.num_data,
+                "seconds": time.perf_counter() - tic,
+            }
+            if validation is not None:
+                val_x, val_y = _as_pair(validation)
+                record["val_elbo"] = validation_elbo(module, val_x, val_y, batch_size=1000)
+                if result.best_val_elbo is None or record["val_elbo"] > result.best_val_elbo:
+                    result.best_val_elbo, result.best_epoch = record["val_elbo"], epoch
+            if epoch_metrics is not None:
+                record.update(epoch_metrics(module))
+            result.history.append(record)
+            bar.set_postfix(
+                {k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_elbo")}
+            )
+            if run_dir is not None:
+                # metrics first: a crash before the checkpoint lands is undone by resume's truncation
+                with open(run_dir / METRICS_FILE, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                _save_epoch(module, optimizer, run_dir, epoch, seed, config, result)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    finally:
+        bar.close()
+    return result
+
+
+def _save_epoch(module, optimizer, run_dir: Path, epoch: int, seed: int, config, result) -> None:
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model_identity(module),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "optimizer": optimizer.get_state(),
+        "rng": rng_state(),
+        "epoch": epoch,
+        "seed": seed,
+        "config": config,
+        "best_epoch": result.best_epoch,
+        "best_val_elbo": result.best_val_elbo,
+    }
+    atomic_save(checkpoint, run_dir / LAST_CHECKPOINT)
+    if result.best_epoch == epoch or result.best_epoch is None:
+        atomic_save(checkpoint, run_dir / BEST_CHECKPOINT)
