@@ -38,7 +38,7 @@ class MLP(nn.Sequential):
         act = activation_class(activation)
         layers: list[nn.Module] = []
         sizes = [in_dim, *hidden]
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), act()]
         layers.append(nn.Linear(sizes[-1], out_dim))
         super().__init__(*layers)

@@ -12,7 +12,8 @@ For a model/guide pair following DESIGN §1 and particles :math:`z_k \\sim q_φ(
 and :math:`\\mathbb{E}[\\text{ELBO}] \\le \\mathbb{E}[\\text{IWAE}^{(K)}] \\le
 \\mathbb{E}[\\text{IWAE}^{(K+1)}] \\le \\log p(x)` [1]. ``log_marginal`` is the IWAE estimate with
 large K; its standard error comes from the delta method on the normalised weights
-:math:`\\tilde w_k = w_k / \\sum_j w_j`: :math:`\\mathrm{se} = \\sqrt{(K \\sum_k \\tilde w_k^2 - 1)/K}`.
+:math:`\\tilde w_k = w_k / \\sum_j w_j`:
+:math:`\\mathrm{se} = \\sqrt{(K \\sum_k \\tilde w_k^2 - 1)/K}`.
 
 :func:`log_weights` is the one implementation of this math; every bound, objective and diagnostic
 in ppvae calls it. Particles are vectorised in a plate to the left of the ``"data"`` plate and
@@ -153,7 +154,7 @@ def log_weights(
     """log p(x_n, z_k) − log q(z_k | x_n) for z_k ~ q(z | x_n): ``[num_particles, N]``.
 
     Differentiable (objectives use it); wrap in ``torch.no_grad()`` for evaluation. ``scaled``
-    applies each site's ``poutine.scale`` factor (β, annealing); estimators of log p(x) leave it off.
+    applies each site's ``poutine.scale`` factor (β, annealing); log p(x) estimators leave it off.
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")

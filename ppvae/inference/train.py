@@ -294,7 +294,7 @@ def fit(
                 {k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_elbo")}
             )
             if run_dir is not None:
-                # metrics first: a crash before the checkpoint lands is undone by resume's truncation
+                # metrics first: resume truncates lines past the checkpoint's epoch
                 with open(run_dir / METRICS_FILE, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 _save_epoch(module, optimizer, run_dir, epoch, seed, config, result)
