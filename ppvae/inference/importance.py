@@ -30,6 +30,7 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
 from ppvae.errors import ContractError
@@ -68,6 +69,12 @@ def plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> 
     return nesting
 
 
+def _base_distribution(fn):
+    while hasattr(fn, "base_dist"):  # Independent, Masked, Expanded wrappers
+        fn = fn.base_dist
+    return fn
+
+
 def _check_contract(model_trace, guide_trace, data_plate: str, num_data: int) -> None:
     model_latents = {n for n, s in _sample_sites(model_trace) if not s["is_observed"]}
     guide_latents = {n for n, s in _sample_sites(guide_trace) if not s["is_observed"]}
@@ -76,6 +83,13 @@ def _check_contract(model_trace, guide_trace, data_plate: str, num_data: int) ->
             f"the guide must sample exactly the model's latent sites: model has "
             f"{sorted(model_latents)}, guide has {sorted(guide_latents)}"
         )
+    for name, site in _sample_sites(guide_trace):
+        if isinstance(_base_distribution(site["fn"]), Delta):
+            raise ContractError(
+                f"guide site {name!r} is a point mass (Delta): a deterministic encoder has no "
+                "importance weights, so no ELBO, IWAE bound or log p(x) exists for this model "
+                "(an autoencoder); compare it by reconstruction error instead"
+            )
     if not any(s["is_observed"] for _, s in _sample_sites(model_trace)):
         raise ContractError("the model observes no site; pass the data as obs=x inside the model")
     for trace, role in ((model_trace, "model"), (guide_trace, "guide")):

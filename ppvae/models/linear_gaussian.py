@@ -121,8 +121,10 @@ class LinearGaussian(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.guide_params(x)
 
-    def sample_prior(self, num_samples: int) -> torch.Tensor:
+    def sample_prior(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Draws of E[x|z] with z ~ p(z): ``[num_samples, D]`` (``y`` is ignored)."""
         return self.decode(torch.randn(num_samples, self.latent_dim, device=self.bias.device))
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x|z] at the guide's mean code (``y`` is ignored)."""
         return self.decode(self.encode(x)[0])

@@ -86,11 +86,13 @@ class VAE(nn.Module):
         """E[x|z]."""
         return observation_mean(self.likelihood, self.decoder(z))
 
-    def sample_prior(self, num_samples: int) -> torch.Tensor:
+    def sample_prior(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Draws of E[x|z] with z ~ p(z): ``[num_samples, D]`` (``y`` is ignored)."""
         z = torch.randn(num_samples, self.latent_dim, device=self.decoder_device)
         return self.decode(z)
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x|z] at the guide's mean code (``y`` is ignored)."""
         return self.decode(self.encode(x)[0])
 
     def check_data(self, x: torch.Tensor) -> None:
