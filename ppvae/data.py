@@ -308,7 +308,7 @@ def load_data(
     (train_x, train_y), (val_x, val_y) = _split_off(train_x, train_y, val_fraction, generator)
 
     if binarize != "none":
-        check_unit_interval(train_x, f"--binarize {binarize}")
+        check_unit_interval(torch.cat([train_x, val_x, test_x]), f"--binarize {binarize}")
         val_x = bernoulli_draw(val_x, _split_generator(seed, "val"))
         test_x = bernoulli_draw(test_x, _split_generator(seed, "test"))
         if binarize == "static":

@@ -262,18 +262,16 @@ def fit(
             tic = time.perf_counter()
             total_loss, steps = 0.0, 0
             for xb, yb in batches.epoch(epoch):
-                step_loss = svi.step(xb, yb)
                 steps += 1
+                try:
+                    step_loss = svi.step(xb, yb)
+                except ValueError as error:
+                    # Pyro's argument validation is where NaN parameters usually surface
+                    if not _diverged(module, error):
+                        raise
+                    step_loss = float("nan")
                 if not math.isfinite(step_loss):
-                    where = (
-                        f"; the last good checkpoint is {run_dir / LAST_CHECKPOINT}"
-                        if run_dir is not None and (run_dir / LAST_CHECKPOINT).exists()
-                        else ""
-                    )
-                    raise DivergenceError(
-                        f"training diverged at epoch {epoch}, step {steps} (loss={step_loss})"
-                        f"{where}; lower the learning rate (--lr) or check the data"
-                    )
+                    raise _divergence(epoch, steps, step_loss, run_dir)
                 total_loss += step_loss
                 bar.update(1)
             module.eval()
@@ -303,6 +301,22 @@ def fit(
     finally:
         bar.close()
     return result
+
+
+def _diverged(module: nn.Module, error: ValueError) -> bool:
+    text = str(error).lower()
+    finite = all(torch.isfinite(p).all() for p in module.parameters())
+    return not finite or "nan" in text or "inf" in text
+
+
+def _divergence(epoch: int, step: int, loss: float, run_dir: Path | None) -> DivergenceError:
+    where = ""
+    if run_dir is not None and (run_dir / LAST_CHECKPOINT).exists():
+        where = f"; the last good checkpoint is {run_dir / LAST_CHECKPOINT}"
+    return DivergenceError(
+        f"training diverged at epoch {epoch}, step {step} (loss={loss}){where}; "
+        "lower the learning rate (--lr) or check the data"
+    )
 
 
 def _save_epoch(module, optimizer, run_dir: Path, epoch: int, seed: int, config, result) -> None:
