@@ -104,6 +104,25 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--commitment-beta", type=float, default=None, help="VQ-VAE commitment weight"
     )
     group.add_argument("--ema-decay", type=float, default=None, help="VQ-VAE EMA decay (0: off)")
+    group.add_argument(
+        "--num-positions", type=_positive_int, default=None, help="VQ-VAE codes per data point"
+    )
+    group.add_argument(
+        "--dead-code-restart",
+        type=int,
+        default=None,
+        help="VQ-VAE: restart a code unused for this many steps (0: never)",
+    )
+    group.add_argument(
+        "--latent-dim2", type=_positive_int, default=None, help="HVAE: size of the top latent z2"
+    )
+    group.add_argument(
+        "--hidden2",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help="HVAE: hidden sizes between z1 and z2",
+    )
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=_positive_int, default=64, help="number of samples (64)")
     sample.add_argument("--label", type=int, default=None, help="class to generate (CVAE)")
     sample.add_argument("--out", default=None, help="output .png or .npy (default: RUN/samples)")
-    sample.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    sample.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="(default: best)"
+    )
     _add_common_options(sample)
 
     plot = commands.add_parser(
@@ -198,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and a decoded manifold grid.",
     )
     plot.add_argument("run", help="run directory written by 'ppvae train'")
-    plot.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    plot.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="(default: best)"
+    )
     _add_common_options(plot)
     return parser
 
@@ -225,7 +248,7 @@ def build_model(name: str, data, options: dict, explicit: set[str] | None = None
 
     cls = MODELS[name]
     parameters = inspect.signature(cls).parameters
-    rejected = sorted(k for k in (explicit or set()) & set(options) if k not in parameters)
+    rejected = sorted(k for k in (explicit or set()) & set(MODEL_KEYS) if k not in parameters)
     if rejected:
         flags = ", ".join("--" + k.replace("_", "-") for k in rejected)
         raise PPVAEError(f"{flags} does not apply to --model {name}; drop it or pick another model")
@@ -254,6 +277,10 @@ MODEL_KEYS = (
     "codebook_size",
     "commitment_beta",
     "ema_decay",
+    "num_positions",
+    "dead_code_restart",
+    "latent_dim2",
+    "hidden2",
 )
 
 
@@ -313,13 +340,22 @@ def _figures(module, data, run_dir: Path, history: list[dict] | None) -> list[Pa
     written.append(
         plot_reconstructions(module, x, y, data.image_shape, run_dir / "reconstructions.png")
     )
-    labels = None
-    if is_conditional(module):
-        labels = (torch_arange(64) % data.num_classes).to(device)
-    written.append(plot_prior_samples(module, data.image_shape, run_dir / "samples.png", y=labels))
+    conditional = is_conditional(module)
+    labels = (torch_arange(64) % data.num_classes).to(device) if conditional else None
+    try:
+        written.append(
+            plot_prior_samples(module, data.image_shape, run_dir / "samples.png", y=labels)
+        )
+    except PPVAEError:  # no prior to sample from (an autoencoder)
+        pass
     if getattr(module, "latent_dim", None) == 2:
-        written.append(plot_latent_map(module, x, y, run_dir / "latent_map.png"))
-        written.append(plot_manifold_grid(module, data.image_shape, run_dir / "manifold_grid.png"))
+        written.append(
+            plot_latent_map(module, x, y, run_dir / "latent_map.png", y=y if conditional else None)
+        )
+        if not conditional:
+            written.append(
+                plot_manifold_grid(module, data.image_shape, run_dir / "manifold_grid.png")
+            )
     return written
 
 
@@ -444,7 +480,7 @@ def cmd_train(args, explicit: set[str]) -> int:
             f"({train_seconds:.1f} s; best validation epoch {result.best_epoch})",
         ),
         ("train loss", f"{result.history[-1]['train_loss']:.3f} nats/point (last epoch)"),
-        ("val ELBO", f"{result.best_val_elbo:.3f} (best epoch)"),
+        _validation_row(result),
     ]
     report, report_files = _evaluate_and_report(
         best,
@@ -465,11 +501,18 @@ def cmd_train(args, explicit: set[str]) -> int:
     return 0
 
 
+def _validation_row(result) -> tuple[str, str]:
+    if result.validation_metric == "val_loss":
+        return ("val loss", f"{-result.best_validation:.3f} nats/point (best epoch)")
+    return ("val ELBO", f"{result.best_validation:.3f} (best epoch)")
+
+
 def report_rows(report) -> list[tuple[str, str]]:
-    if report.elbo is None:
-        return [("likelihood", report.note)] + [
-            (k, f"{v:.4f}") for k, v in report.reconstruction.items()
-        ]
+    if not report.likelihood_available:
+        rows = [("likelihood", report.note), ("recon MSE", f"{report.reconstruction_mse:.4f}")]
+        if report.reconstruction_bce is not None:
+            rows.append(("recon BCE", f"{report.reconstruction_bce:.3f} nats/point"))
+        return rows
     return [
         ("test ELBO", f"{report.elbo:.3f}"),
         ("test log p(x)", f"{report.log_px:.3f} (K={report.num_samples})"),

@@ -33,6 +33,7 @@ import torch
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 
+from ppvae.contract import AUXILIARY_LOSS
 from ppvae.errors import ContractError
 
 PARTICLE_PLATE = "_ppvae_particles"
@@ -50,7 +51,7 @@ def _sample_sites(trace):
     for name, site in trace.nodes.items():
         if (
             site["type"] == "sample"
-            and not site["infer"].get("is_auxiliary")
+            and not site["infer"].get(AUXILIARY_LOSS)
             and not site_is_subsample(site)
         ):
             yield name, site

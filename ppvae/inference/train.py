@@ -34,7 +34,7 @@ from ppvae.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from ppvae.errors import DivergenceError, PPVAEError
+from ppvae.errors import ContractError, DivergenceError, PPVAEError
 from ppvae.inference.importance import elbo
 
 LAST_CHECKPOINT = "checkpoint.pt"
@@ -48,9 +48,14 @@ class FitResult:
 
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
-    best_val_elbo: float | None = None
+    best_validation: float | None = None  # the best val_elbo, or the best −val_loss
+    validation_metric: str | None = None  # "val_elbo", or "val_loss" when no ELBO exists
     run_dir: Path | None = None
     resumed_from_epoch: int = 0
+
+    @property
+    def best_val_elbo(self) -> float | None:
+        return self.best_validation if self.validation_metric == "val_elbo" else None
 
     @property
     def epochs_run(self) -> int:
@@ -161,6 +166,23 @@ def validation_elbo(
     return total / x.shape[0]
 
 
+def validation_metrics(module, x, y, batch_size: int) -> dict[str, float]:
+    """``{"val_elbo": ...}``; for models without importance weights (a point-mass guide, a global
+    latent) ``{"val_loss": ...}``, the ``Trace_ELBO`` loss per data point."""
+    try:
+        return {"val_elbo": validation_elbo(module, x, y, batch_size)}
+    except ContractError:
+        pass
+    device = next(module.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device)
+            yb = None if y is None else y[start : start + batch_size].to(device)
+            total += Trace_ELBO().loss(module.model, module.guide, xb, yb)
+    return {"val_loss": total / x.shape[0]}
+
+
 def _read_history(path: Path, upto_epoch: int) -> list[dict]:
     if not path.exists():
         return []
@@ -227,7 +249,8 @@ def fit(
         start_epoch = checkpoint["epoch"] + 1
         result.resumed_from_epoch = checkpoint["epoch"]
         result.best_epoch = checkpoint.get("best_epoch")
-        result.best_val_elbo = checkpoint.get("best_val_elbo")
+        result.best_validation = checkpoint.get("best_validation")
+        result.validation_metric = checkpoint.get("validation_metric")
         result.history = _read_history(run_dir / METRICS_FILE, checkpoint["epoch"])
         seed = checkpoint["seed"]
     else:
@@ -248,7 +271,7 @@ def fit(
     svi = SVI(module.model, module.guide, optimizer, loss=loss)
     bar = tqdm(
         total=max(0, epochs - start_epoch + 1) * len(batches),
-        disable=not progress,
+        disable=None if progress else True,  # None: off when stderr is not a terminal
         unit="step",
         dynamic_ncols=True,
         leave=False,
@@ -282,14 +305,22 @@ def fit(
             }
             if validation is not None:
                 val_x, val_y = _as_pair(validation)
-                record["val_elbo"] = validation_elbo(module, val_x, val_y, batch_size=1000)
-                if result.best_val_elbo is None or record["val_elbo"] > result.best_val_elbo:
-                    result.best_val_elbo, result.best_epoch = record["val_elbo"], epoch
+                metrics = validation_metrics(module, val_x, val_y, batch_size=1000)
+                record.update(metrics)
+                ((metric, value),) = metrics.items()
+                score = value if metric == "val_elbo" else -value
+                result.validation_metric = metric
+                if result.best_validation is None or score > result.best_validation:
+                    result.best_validation, result.best_epoch = score, epoch
             if epoch_metrics is not None:
                 record.update(epoch_metrics(module))
             result.history.append(record)
             bar.set_postfix(
-                {k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_elbo")}
+                {
+                    k: f"{v:.3f}"
+                    for k, v in record.items()
+                    if k in ("train_loss", "val_elbo", "val_loss")
+                }
             )
             if run_dir is not None:
                 # metrics first: resume truncates lines past the checkpoint's epoch
@@ -330,7 +361,8 @@ def _save_epoch(module, optimizer, run_dir: Path, epoch: int, seed: int, config,
         "seed": seed,
         "config": config,
         "best_epoch": result.best_epoch,
-        "best_val_elbo": result.best_val_elbo,
+        "best_validation": result.best_validation,
+        "validation_metric": result.validation_metric,
     }
     atomic_save(checkpoint, run_dir / LAST_CHECKPOINT)
     if result.best_epoch == epoch or result.best_epoch is None:

@@ -115,10 +115,12 @@ class LinearGaussian(nn.Module):
         if not torch.isfinite(x).all():
             raise PPVAEError("the data contain NaN/inf values; remove or impute them first")
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return z @ self.weight.T + self.bias
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.guide_params(x)
 
     def sample_prior(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,11 +78,13 @@ class VAE(nn.Module):
             loc, scale = self.encode(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and scale of q(z|x)."""
         return split_gaussian(self.encoder(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """E[x|z]."""
         return observation_mean(self.likelihood, self.decoder(z))
 

@@ -27,7 +27,7 @@ def _tile(images: torch.Tensor, image_shape: Sequence[int], ncols: int) -> torch
             r * (height + 1) : r * (height + 1) + height,
             c * (width + 1) : c * (width + 1) + width,
         ] = image
-    return canvas[0] if channels == 1 else canvas.permute(1, 2, 0)
+    return (canvas[0] if channels == 1 else canvas.permute(1, 2, 0)).numpy()
 
 
 def save_image_grid(
@@ -66,7 +66,7 @@ def plot_reconstructions(module, x, y, image_shape, path, *, num: int = 16) -> P
 
 @torch.no_grad()
 def plot_prior_samples(module, image_shape, path, *, num: int = 64, y=None) -> Path:
-    samples = module.sample_prior(num, y) if y is not None else module.sample_prior(num)
+    samples = module.sample_prior(num, y)
     title = "samples from the prior" + ("" if y is None else f" (label {int(y[0])})")
     return save_image_grid(samples, image_shape, path, title=title)
 
@@ -89,11 +89,10 @@ def plot_training_curves(history: list[dict], path: str | Path) -> Path:
 @torch.no_grad()
 def plot_latent_map(module, x, labels, path, *, y=None) -> Path:
     """Guide means of a 2-D latent space, coloured by label."""
-    loc = module.encode(x, y)[0] if y is not None else module.encode(x)[0]
-    loc = loc.cpu()
+    loc = module.encode(x, y)[0].cpu().numpy()
     fig, ax = plt.subplots(figsize=(5, 4.5))
     scatter = ax.scatter(
-        loc[:, 0], loc[:, 1], c=None if labels is None else labels.cpu(), s=4, cmap="tab10"
+        loc[:, 0], loc[:, 1], c=None if labels is None else labels.cpu().numpy(), s=4, cmap="tab10"
     )
     if labels is not None:
         fig.colorbar(scatter, ax=ax, label="label")
