@@ -1,0 +1,488 @@
+"""Training objectives as Pyro ``ELBO`` subclasses: IWAE (reparameterised or DReG gradients) and
+the ELBO with a weighted, annealed or floored KL term.
+
+**IWAE** [1]. With :math:`\\log w_{kn}` from :func:`ppvae.inference.importance.log_weights`,
+
+.. math::
+
+    \\mathcal{L}_K = \\frac{N_\\text{total}}{B} \\sum_{n \\in \\text{batch}}
+        \\log \\frac{1}{K} \\sum_{k=1}^K w_{kn}
+
+— the log-sum-exp over particles is taken per data point *first*, then the mini-batch scale
+:math:`N_\\text{total}/B` is applied. ``RenyiELBO(alpha=0)`` [3] scales every site's log-density
+by :math:`N_\\text{total}/B` before the log-sum-exp, i.e. it averages :math:`w^{N/B}`; that is not
+an unbiased estimate of the full-data bound. The mini-batch scale is read off the ``"data"``
+plate (``pyro.plate("data", N_total, subsample=...)`` with ``len(x) == B``: the frame's
+``full_size / size``); a model whose plate is ``len(x)`` (every ppvae model, as ``fit`` feeds it
+mini-batches) gets scale 1 and a batch-sum loss, like ``Trace_ELBO``. Any other
+``poutine.scale`` factor is a per-site weight and stays inside the log-weights.
+
+Gradients, with normalised weights :math:`\\tilde w_{kn} = w_{kn} / \\sum_j w_{jn}` and
+:math:`z_k = g_φ(ε_k, x)`:
+
+- ``estimator="reparam"``: :math:`\\sum_k \\tilde w_k \\nabla_{θ,φ} \\log w_k` (autograd through
+  the bound).
+- ``estimator="dreg"`` [2]: model parameters as above; guide parameters
+  :math:`\\sum_k \\tilde w_k^2 \\, (\\partial \\log w_k / \\partial z_k)
+  (\\partial z_k / \\partial φ)`, the path derivative only: :math:`\\log q` is re-evaluated at
+  the detached samples and that score-function part subtracted, which stays right for guides
+  whose sites depend on other latents. The guide's parameters are those the guide's samples
+  depend on (found by autograd on a probe trace); a parameter that also enters the model
+  directly is refused.
+
+**KL-weighted ELBO** (β-VAE [4], linear KL warm-up [5], free bits [6]). Per mini-batch of B
+points with latent dimensions (groups) d,
+
+.. math::
+
+    \\mathcal{L} = \\frac{N_\\text{total}}{B} \\Big[ \\sum_n \\mathbb{E}_q \\log p(x_n \\mid z)
+        - β\\, c(e) \\, R \\Big], \\qquad
+    c(e) = \\min(1, e / E_\\text{warm-up}),
+
+    R = \\sum_{n,d} \\mathrm{KL}_{nd} \\;\\text{(no free bits)}, \\qquad
+    R = B \\sum_d \\max\\Big(λ, \\frac{1}{B} \\sum_n \\mathrm{KL}_{nd}\\Big)
+        \\;\\text{(free bits λ)},
+
+where :math:`\\mathrm{KL}_{nd}` is per latent dimension (analytic or Monte Carlo, averaged over
+particles; see :func:`ppvae.inference.collapse.site_kl`), :math:`e` the 1-based epoch set by
+``set_epoch`` (``fit`` calls it). With β = 1, no warm-up and no free bits this is ``Trace_ELBO``
+(Monte Carlo KL) or ``TraceMeanField_ELBO`` (analytic KL), value and gradient.
+
+[1] Importance Weighted Autoencoders, Burda, Grosse, Salakhutdinov (2015).
+[2] Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives, Tucker, Lawson, Gu,
+    Maddison (2018).
+[3] Rényi Divergence Variational Inference, Li, Turner (2016).
+[4] β-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework, Higgins et al.
+    (2017).
+[5] Generating Sentences from a Continuous Space, Bowman et al. (2016).
+[6] Improved Variational Inference with Inverse Autoregressive Flow, Kingma et al. (2016).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro.poutine as poutine
+import torch
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_if_enumerated, warn_if_nan
+
+from ppvae.errors import PPVAEError
+from ppvae.inference.collapse import data_dim, latent_sites, points_by_dimension, site_kl
+from ppvae.inference.importance import (
+    PARTICLE_PLATE,
+    _site_log_prob,
+    log_mean_exp,
+    log_weights,
+)
+
+OBJECTIVES = ("elbo", "mean-field", "iwae", "iwae-dreg")
+ESTIMATORS = ("reparam", "dreg")
+
+
+def _rng_fork(x: torch.Tensor):
+    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+
+
+def _active_particle_plate():
+    for messenger in _PYRO_STACK:
+        if getattr(messenger, "name", None) == PARTICLE_PLATE:
+            return messenger
+    return None
+
+
+def _data_scale(trace, data_plate: str) -> float:
+    """The mini-batch scale ``full_size / size`` of the data plate (1 without subsampling)."""
+    for _, site in latent_sites(trace):
+        for frame in site["cond_indep_stack"]:
+            if frame.name == data_plate:
+                full_size = frame.size if frame.full_size is None else frame.full_size
+                return float(full_size) / float(frame.size)
+    return 1.0
+
+
+def _check_reparameterised(trace, objective: str) -> None:
+    for name, site in latent_sites(trace):
+        if not site["fn"].has_rsample:
+            raise PPVAEError(
+                f"guide site {name!r} ({type(site['fn']).__name__}) has no reparameterised "
+                f"sampler, which {objective} needs; use Trace_ELBO or TraceGraph_ELBO "
+                "(score-function gradients) for this guide"
+            )
+
+
+def _detached(trace) -> Trace:
+    """A trace holding only the sample sites of ``trace``, values detached (for replay)."""
+    copy = Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample":
+            copy.add_node(name, **{**site, "value": site["value"].detach()})
+    return copy
+
+
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    unconstrained = getattr(value, "unconstrained", None)
+    return value if unconstrained is None else unconstrained()
+
+
+class _RecordingGuide:
+    """The guide as ``log_weights`` sees it: keeps each particle chunk's guide trace and, for DReG,
+    log q evaluated at the detached samples (its φ-gradient is the score-function term).
+
+    The contract probe that ``log_weights`` runs before the particle chunks draws from the global
+    RNG; it runs here on a forked RNG, so a seed gives the same particles as ``Trace_ELBO``.
+    """
+
+    def __init__(self, guide: Callable, data_plate: str, with_score: bool):
+        self.guide, self.data_plate, self.with_score = guide, data_plate, with_score
+        self.traces: list = []
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, x, y=None):
+        particles = _active_particle_plate()
+        if particles is None:
+            with _rng_fork(x):
+                return self.guide(x, y)
+        handler = poutine.trace(self.guide)
+        result = handler(x, y)
+        self.traces.append(handler.trace)
+        if self.with_score:
+            self.scores.append(self._score(handler.trace, x, y, particles))
+        return result
+
+    def _score(self, trace, x, y, particles) -> torch.Tensor:
+        with poutine.block():
+            replayed = poutine.trace(poutine.replay(self.guide, trace=_detached(trace))).get_trace(
+                x, y
+            )
+        score = x.new_zeros(particles.size, x.shape[0])
+        for _, site in latent_sites(replayed):
+            score = score + _site_log_prob(
+                site, self.data_plate, particles.dim, particles.size, x.shape[0], scaled=True
+            )
+        return score  # [chunk, N]
+
+
+class IWAE_ELBO(ELBO):
+    """The K-sample importance-weighted bound [1], per data point under mini-batching.
+
+    :param num_particles: K, the number of importance samples per data point.
+    :param estimator: ``"reparam"`` (autograd through the bound) or ``"dreg"`` (doubly
+        reparameterised guide gradients [2]).
+    :param chunk_size: particles per forward pass (``log_weights``' default if None).
+    :param data_plate: name of the plate over data points.
+
+    ``loss`` / ``differentiable_loss`` are ``−(N_total/B) Σ_n IWAE_n`` (a batch sum, like
+    ``Trace_ELBO``). For DReG, ``differentiable_loss`` computes the gradient itself and returns
+    a surrogate that is linear in the parameters: first-order use (``.backward()``) only.
+    """
+
+    def __init__(
+        self,
+        num_particles: int,
+        *,
+        estimator: str = "reparam",
+        chunk_size: int | None = None,
+        data_plate: str = "data",
+    ):
+        if estimator not in ESTIMATORS:
+            raise PPVAEError(f"unknown IWAE gradient estimator {estimator!r}; use reparam or dreg")
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise PPVAEError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise PPVAEError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        super().__init__(num_particles=num_particles)
+        self.estimator = estimator
+        self.chunk_size = chunk_size
+        self.data_plate = data_plate
+        self._parameter_split = None  # (key, model leaves, guide leaves), see _split_parameters
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("IWAE_ELBO draws its particles through log_weights")
+
+    def _log_weights(self, model, guide, x, y):
+        """Unscaled-by-batch log-weights ``[K, N]``, their DReG twin (or None), the batch scale."""
+        recorder = _RecordingGuide(guide, self.data_plate, with_score=self.estimator == "dreg")
+        log_w = log_weights(
+            model,
+            recorder,
+            x,
+            y,
+            num_particles=self.num_particles,
+            chunk_size=self.chunk_size,
+            data_plate=self.data_plate,
+            scaled=True,
+        )
+        name = "the IWAE objective" if self.estimator == "reparam" else "DReG"
+        _check_reparameterised(recorder.traces[0], name)
+        scale = _data_scale(recorder.traces[0], self.data_plate)
+        log_w = log_w / scale  # [K, N]; every site carries the data plate's factor
+        if self.estimator == "reparam":
+            return log_w, None, scale
+        score = torch.cat(recorder.scores, dim=0) / scale  # [K, N]: ∇φ of this is the score term
+        return log_w, log_w + score - score.detach(), scale
+
+    def per_point(self, model, guide, x, y=None) -> torch.Tensor:
+        """IWAE_n for each point of the batch, ``[B]`` (differentiable, no batch scale)."""
+        return log_mean_exp(self._log_weights(model, guide, x, y)[0])
+
+    @torch.no_grad()
+    def loss(self, model, guide, x, y=None) -> float:
+        log_w, _, scale = self._log_weights(model, guide, x, y)
+        loss = -scale * float(log_mean_exp(log_w).sum())
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, x, y=None) -> torch.Tensor:
+        if self.estimator == "reparam":
+            log_w, _, scale = self._log_weights(model, guide, x, y)
+            loss = -scale * log_mean_exp(log_w).sum()
+            warn_if_nan(loss, "loss")
+            return loss
+        return self._dreg_loss(model, guide, x, y)
+
+    def loss_and_grads(self, model, guide, x, y=None) -> float:
+        loss = self.differentiable_loss(model, guide, x, y)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return float(loss.detach())
+
+    # DReG ---------------------------------------------------------------------------------
+    def _dreg_loss(self, model, guide, x, y) -> torch.Tensor:
+        with poutine.trace(param_only=True) as captured:
+            log_w, log_w_path, scale = self._log_weights(model, guide, x, y)
+        leaves = {_unconstrained(site["value"]) for site in captured.trace.nodes.values()}
+        model_leaves, guide_leaves = self._split_parameters(model, guide, x, y, leaves)
+        normalized = torch.softmax(log_w.detach(), dim=0)  # [K, N]
+        model_surrogate = -scale * (normalized * log_w_path).sum()
+        guide_surrogate = -scale * (normalized.square() * log_w_path).sum()
+        gradients = []
+        for surrogate, params, retain in (
+            (model_surrogate, model_leaves, True),
+            (guide_surrogate, guide_leaves, False),
+        ):
+            if params and surrogate.requires_grad:
+                grads = torch.autograd.grad(
+                    surrogate, params, retain_graph=retain, allow_unused=True
+                )
+                gradients += [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        loss = -scale * log_mean_exp(log_w.detach()).sum()
+        warn_if_nan(loss, "loss")
+        if not gradients:
+            return loss
+        linear = sum((p * g).sum() for p, g in gradients)
+        return loss + (linear - linear.detach())
+
+    def _split_parameters(self, model, guide, x, y, leaves) -> tuple[list, list]:
+        """(model parameters, guide parameters): a guide parameter is one the guide's samples
+        depend on. Probed on two data points with a forked RNG, cached per parameter set."""
+        key = (
+            id(getattr(model, "__func__", model)),
+            id(getattr(model, "__self__", None)),
+            id(getattr(guide, "__func__", guide)),
+            id(getattr(guide, "__self__", None)),
+            frozenset(id(leaf) for leaf in leaves),
+        )
+        if self._parameter_split is not None and self._parameter_split[0] == key:
+            return self._parameter_split[1], self._parameter_split[2]
+        xb, yb = x[:2], None if y is None else y[:2]
+        with _rng_fork(x), torch.enable_grad():
+            guide_trace = poutine.trace(guide).get_trace(xb, yb)
+            model_trace = poutine.trace(poutine.replay(model, trace=_detached(guide_trace)))
+            model_trace = model_trace.get_trace(xb, yb)
+        params: dict[str, torch.Tensor] = {}
+        for trace in (guide_trace, model_trace):
+            for name, site in trace.nodes.items():
+                if site["type"] == "param" and _unconstrained(site["value"]).requires_grad:
+                    params.setdefault(name, _unconstrained(site["value"]))
+        names = [n for n, p in params.items() if any(p is leaf for leaf in leaves)]
+        samples = [s["value"] for _, s in latent_sites(guide_trace) if s["value"].requires_grad]
+        guide_names: list[str] = []
+        if samples and names:
+            reach = torch.autograd.grad(
+                sum(v.sum() for v in samples),
+                [params[n] for n in names],
+                allow_unused=True,
+                retain_graph=True,
+            )
+            guide_names = [n for n, g in zip(names, reach, strict=True) if g is not None]
+        model_log_prob = sum(
+            site["fn"].log_prob(site["value"]).sum()
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample" and not site_is_subsample(site)
+        )
+        if guide_names and torch.is_tensor(model_log_prob) and model_log_prob.requires_grad:
+            direct = torch.autograd.grad(
+                model_log_prob, [params[n] for n in guide_names], allow_unused=True
+            )
+            shared = [n for n, g in zip(guide_names, direct, strict=True) if g is not None]
+            if shared:
+                raise PPVAEError(
+                    f"DReG needs separate guide and model parameters, but {shared[0]!r}"
+                    f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''} both shapes "
+                    "the guide's samples and enters the model directly (an exact-posterior guide "
+                    "or a shared layer); use --objective iwae (estimator='reparam')"
+                )
+        guide_leaves = [params[n] for n in guide_names]
+        model_leaves = [leaf for leaf in leaves if not any(leaf is g for g in guide_leaves)]
+        self._parameter_split = (key, model_leaves, guide_leaves)
+        return model_leaves, guide_leaves
+
+
+class KLWeighted_ELBO(ELBO):
+    """The ELBO with its KL term weighted by β, linearly warmed up, and floored by free bits.
+
+    :param num_particles: Monte Carlo draws of z per data point (a loop, like ``Trace_ELBO``).
+    :param beta: weight β >= 0 of the KL term [4].
+    :param kl_warmup: E; the KL weight of epoch e is ``beta * min(1, e / E)`` (e is 1-based and set
+        by :meth:`set_epoch`; before any call e = 1). 0 turns warm-up off.
+    :param free_bits: λ >= 0 nats per latent dimension [6]; each dimension contributes
+        ``B * max(λ, mean_n KL_nd)`` (mean over the B points of the mini-batch and the particles).
+        0 turns it off (the plain sum, so a negative Monte Carlo KL estimate is not clipped).
+    :param analytic_kl: closed-form KL where ``kl_divergence`` knows the pair (like
+        ``TraceMeanField_ELBO``), else the Monte Carlo estimate log q(z) − log p(z).
+    :param data_plate: name of the plate over data points.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        beta: float = 1.0,
+        kl_warmup: int = 0,
+        free_bits: float = 0.0,
+        analytic_kl: bool = True,
+        data_plate: str = "data",
+    ):
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise PPVAEError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        if not beta >= 0.0 or beta == float("inf"):
+            raise PPVAEError(f"beta must be a finite number >= 0, got {beta}")
+        if not isinstance(kl_warmup, int) or kl_warmup < 0:
+            raise PPVAEError(f"kl_warmup is a number of epochs >= 0 (0: off), got {kl_warmup!r}")
+        if not free_bits >= 0.0 or free_bits == float("inf"):
+            raise PPVAEError(f"free_bits is nats per latent dimension >= 0, got {free_bits}")
+        super().__init__(num_particles=num_particles)
+        self.beta, self.kl_warmup, self.free_bits = float(beta), kl_warmup, float(free_bits)
+        self.analytic_kl, self.data_plate = analytic_kl, data_plate
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the (1-based) epoch for the warm-up schedule; ``fit`` calls this every epoch."""
+        self.epoch = epoch
+
+    @property
+    def warmup_factor(self) -> float:
+        """c(e) = min(1, e / E), or 1 without warm-up."""
+        return 1.0 if self.kl_warmup == 0 else min(1.0, self.epoch / self.kl_warmup)
+
+    @property
+    def kl_weight(self) -> float:
+        """β · c(e): the weight on the KL term this epoch."""
+        return self.beta * self.warmup_factor
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = get_importance_trace(
+            "flat", self.max_plate_nesting, model, guide, args, kwargs
+        )
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        return model_trace, guide_trace
+
+    def _objective(self, model, guide, x, y) -> torch.Tensor:
+        """The (scaled, batch-summed) objective to maximise, differentiable."""
+        reconstruction = 0.0
+        kl_sum: dict[str, torch.Tensor] = {}
+        scale = 1.0
+        for model_trace, guide_trace in self._get_traces(model, guide, (x, y), {}):
+            _check_reparameterised(guide_trace, "the KL-weighted ELBO")
+            scale = _data_scale(guide_trace, self.data_plate)
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample" and site["is_observed"]:
+                    reconstruction = reconstruction + site["log_prob_sum"] / self.num_particles
+            for name, guide_site in latent_sites(guide_trace):
+                kl, event_ndim = site_kl(
+                    guide_site, model_trace.nodes[name], analytic=self.analytic_kl
+                )
+                kl = kl * (guide_site["scale"] / scale)  # weights other than the batch scale
+                kl = points_by_dimension(
+                    kl, event_ndim, data_dim(guide_site, self.data_plate), x.shape[0]
+                )[0]  # [B, G]
+                kl_sum[name] = kl_sum.get(name, 0.0) + kl / self.num_particles
+        if self.free_bits > 0.0:
+            penalty = sum(
+                x.shape[0] * torch.clamp(kl.mean(dim=0), min=self.free_bits).sum()
+                for kl in kl_sum.values()
+            )
+        else:
+            penalty = sum(kl.sum() for kl in kl_sum.values())
+        return reconstruction - self.kl_weight * scale * penalty
+
+    @torch.no_grad()
+    def loss(self, model, guide, x, y=None) -> float:
+        loss = -float(self._objective(model, guide, x, y))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, x, y=None) -> torch.Tensor:
+        loss = -self._objective(model, guide, x, y)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model, guide, x, y=None) -> float:
+        loss = self.differentiable_loss(model, guide, x, y)
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return float(loss.detach())
+
+
+def make_objective(
+    name: str,
+    *,
+    num_particles: int = 1,
+    beta: float = 1.0,
+    kl_warmup: int = 0,
+    free_bits: float = 0.0,
+) -> ELBO:
+    """The objective behind ``--objective``: ``elbo`` (``Trace_ELBO``), ``mean-field``
+    (``TraceMeanField_ELBO``, analytic KL), ``iwae`` and ``iwae-dreg`` (:class:`IWAE_ELBO`).
+
+    ``beta`` / ``kl_warmup`` / ``free_bits`` turn ``elbo`` and ``mean-field`` into a
+    :class:`KLWeighted_ELBO` (Monte Carlo or analytic KL); the IWAE bound has no KL term, so they
+    are refused with it, as is an IWAE with fewer than two particles (that is the ELBO).
+    """
+    if name not in OBJECTIVES:
+        raise PPVAEError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)}")
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise PPVAEError(f"--num-particles must be an integer >= 1, got {num_particles!r}")
+    weighted = beta != 1.0 or kl_warmup != 0 or free_bits != 0.0
+    if name in ("iwae", "iwae-dreg"):
+        if weighted:
+            raise PPVAEError(
+                f"--beta, --kl-warmup and --free-bits reweight the ELBO's KL term, which the "
+                f"IWAE bound does not have; use --objective elbo or mean-field with them, or "
+                f"drop them for --objective {name}"
+            )
+        if num_particles < 2:
+            raise PPVAEError(
+                f"--objective {name} with one particle is the ELBO; pass --num-particles K >= 2 "
+                "(e.g. 5 or 50), or use --objective elbo"
+            )
+        estimator = "dreg" if name == "iwae-dreg" else "reparam"
+        return IWAE_ELBO(num_particles, estimator=estimator)
+    if weighted:
+        return KLWeighted_ELBO(
+            num_particles,
+            beta=beta,
+            kl_warmup=kl_warmup,
+            free_bits=free_bits,
+            analytic_kl=name == "mean-field",
+        )
+    if name == "mean-field":
+        return TraceMeanField_ELBO(num_particles=num_particles)
+    return Trace_ELBO(num_particles=num_particles)
