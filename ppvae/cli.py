@@ -131,6 +131,35 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=_positive_int, default=100, help="(default: 100)")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     group.add_argument(
+        "--objective",
+        choices=("elbo", "mean-field", "iwae", "iwae-dreg"),
+        default="elbo",
+        help="elbo: Trace_ELBO; mean-field: analytic KL (TraceMeanField_ELBO); iwae: the "
+        "importance-weighted bound with --num-particles K; iwae-dreg: the same bound with "
+        "doubly-reparameterised guide gradients (default: elbo)",
+    )
+    group.add_argument(
+        "--num-particles",
+        type=_positive_int,
+        default=1,
+        help="particles per data point for the objective (K of the IWAE bound; default: 1)",
+    )
+    group.add_argument(
+        "--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE; default: 1)"
+    )
+    group.add_argument(
+        "--kl-warmup",
+        type=int,
+        default=0,
+        help="raise the KL weight linearly to --beta over this many epochs (default: 0, off)",
+    )
+    group.add_argument(
+        "--free-bits",
+        type=float,
+        default=0.0,
+        help="floor on the batch-mean KL per latent dimension, in nats (default: 0, off)",
+    )
+    group.add_argument(
         "--eval-samples",
         type=_positive_int,
         default=1000,
@@ -402,6 +431,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     import torch
 
     from ppvae.checkpoint import atomic_write_json
+    from ppvae.inference.objectives import make_objective
     from ppvae.inference.train import fit, resolve_device
 
     if args.resume:
@@ -452,17 +482,27 @@ def cmd_train(args, explicit: set[str]) -> int:
     if not args.resume:
         atomic_write_json(config, run_dir / "config.json")
 
+    objective = make_objective(
+        config["objective"],
+        num_particles=config["num_particles"],
+        beta=config["beta"],
+        kl_warmup=config["kl_warmup"],
+        free_bits=config["free_bits"],
+    )
+    val_x, val_y = data.split("val")
     print(f"ppvae: {data.summary()}")
     print(f"ppvae: {type(module).__name__} on {device}, run directory {run_dir}")
     tic = time.perf_counter()
     result = fit(
         module,
         data.train,
+        loss=objective,
         lr=config["lr"],
         epochs=config["epochs"],
         batch_size=config["batch_size"],
         device=device,
-        validation=data.split("val"),
+        validation=(val_x, val_y),
+        epoch_metrics=_collapse_logger(val_x[:1000], None if val_y is None else val_y[:1000]),
         run_dir=run_dir,
         resume=args.resume,
         seed=config["seed"],
@@ -499,6 +539,26 @@ def cmd_train(args, explicit: set[str]) -> int:
     print(f"ppvae: done — test split of {data.name}, best checkpoint:")
     _print_table(rows + [("wrote", ", ".join(p.name for p in written)), ("in", str(run_dir))])
     return 0
+
+
+def _collapse_logger(x, y):
+    """Active units and KL per latent dimension on validation data, for ``metrics.jsonl``;
+    silent for models where they do not exist (point-mass or discrete codes)."""
+    from ppvae.inference.collapse import collapse_metrics
+
+    state = {"enabled": True}
+
+    def metrics(module) -> dict:
+        if not state["enabled"]:
+            return {}
+        device = next(module.parameters()).device
+        try:
+            return collapse_metrics(module, x.to(device), None if y is None else y.to(device))
+        except PPVAEError:
+            state["enabled"] = False
+            return {}
+
+    return metrics
 
 
 def _validation_row(result) -> tuple[str, str]:

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, kl_divergence
 
 from ppvae.errors import ContractError, PPVAEError
-from ppvae.inference.importance import DEFAULT_CHUNK_BUDGET, plate_nesting
+from ppvae.inference.importance import DEFAULT_CHUNK_BUDGET, _base_distribution, plate_nesting
 
 DIAGNOSTIC_PLATE = "_ppvae_diagnostic_particles"
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015)
@@ -195,6 +196,11 @@ def kl_per_dimension(
                 module, xb, yb, num_samples, run_model=True
             )
             for name, guide_site in latent_sites(guide_trace):
+                if isinstance(_base_distribution(guide_site["fn"]), Delta):
+                    raise ContractError(
+                        f"guide site {name!r} is a point mass: KL(q || p) does not exist for a "
+                        "deterministic encoder"
+                    )
                 kl, event_ndim = site_kl(guide_site, model_trace.nodes[name], analytic=analytic)
                 per_point = points_by_dimension(
                     kl, event_ndim, data_dim(guide_site, data_plate), xb.shape[0], particle_dim
