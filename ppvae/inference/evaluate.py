@@ -1,0 +1,558 @@
+"""``evaluate``: every per-point bound, log p(x) and importance-weight diagnostic in one pass.
+
+For each data point the K = ``num_samples`` log-weights
+:math:`\\log w_{kn} = \\log p(x_n, z_k) - \\log q(z_k \\mid x_n)` are drawn once
+(:func:`ppvae.inference.importance.log_weights`) and every number is read off them:
+
+.. math::
+
+    \\text{ELBO}_n = \\frac{1}{K} \\sum_k \\log w_{kn}, \\qquad
+    \\text{IWAE}^{(k)}_n = \\frac{1}{B} \\sum_{b=1}^{B} \\log \\frac{1}{k}
+        \\sum_{j \\in \\text{block } b} w_{jn}, \\quad B = \\lfloor K / k \\rfloor,
+
+    \\log \\hat p(x_n) = \\log \\frac{1}{K} \\sum_k w_{kn}, \\qquad
+    \\text{gap}_n = \\log \\hat p(x_n) - \\text{ELBO}_n \\approx \\mathrm{KL}(q(z \\mid x_n)
+        \\,\\|\\, p(z \\mid x_n)).
+
+Each rung of the ladder averages the k-sample bound [1] over the B disjoint blocks of the same
+particles: an unbiased estimate of :math:`\\mathbb{E}[\\text{IWAE}^{(k)}]` with lower variance than
+one k-sample draw. The top rung (k = K) is :math:`\\log \\hat p(x)`, with the delta-method standard
+error of ``importance.log_marginal_stderr``. Diagnostics per point: Kish's effective sample size
+and the Pareto-smoothed importance sampling shape :math:`\\hat k` [2] of the weights
+(``arviz.psislw``); :math:`\\hat k > 0.7` means the log p(x) estimate is not to be trusted [2, 3].
+
+Guides with a continuous point mass (autoencoders: ``Delta``) have no importance weights: their
+report carries no bound, says so, and keeps the reconstruction metrics every model gets. A guide
+that is one-hot on a discrete latent (a VQ-VAE's) has constant weights: every rung equals the ELBO,
+which the report keeps and labels a lower bound, not an estimate of log p(x).
+
+[1] Importance Weighted Autoencoders, Burda, Grosse, Salakhutdinov (2015).
+[2] Pareto Smoothed Importance Sampling, Vehtari, Simpson, Gelman, Yao, Gabry (JMLR 2024).
+[3] Yes, but Did It Work?: Evaluating Variational Inference, Yao, Vehtari, Simpson, Gelman (2018).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import Delta, Unit
+from torch import nn
+from tqdm.auto import tqdm
+
+from ppvae.checkpoint import atomic_write_text
+from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference.importance import (
+    _base_distribution,
+    _sample_sites,
+    effective_sample_size,
+    log_marginal_stderr,
+    log_mean_exp,
+    log_weights,
+)
+from ppvae.inference.train import resolve_device
+
+DEFAULT_LADDER = (1, 5, 50, 500, 5000)
+KHAT_THRESHOLD = 0.7
+# arviz fits the Pareto tail to the top min(K/5, 3√K) weights and needs more than 4 of them.
+MIN_PSIS_SAMPLES = 25
+# Log-weights that differ by less than this many float eps (relative) are equal up to rounding.
+CONSTANT_WEIGHT_EPS = 64
+
+POINT_MASS_NOTE = (
+    "this model has a point-mass guide (site {sites}): no likelihood bound exists (no ELBO, IWAE "
+    "bound or log p(x)); compare it by reconstruction error instead"
+)
+ONE_HOT_NOTE = (
+    "the guide puts all its mass on one value of the discrete site {sites}: every importance "
+    "weight is the same, so every bound equals the ELBO and 'log p(x)' is only that lower bound; "
+    "its zero standard error and full ESS say nothing about the distance to the true log p(x), "
+    "and PSIS k̂ is not estimated"
+)
+
+_PER_POINT = (
+    "elbo_per_point",
+    "elbo_stderr_per_point",
+    "log_px_per_point",
+    "log_px_stderr_per_point",
+    "gap_per_point",
+    "khat_per_point",
+    "ess_per_point",
+    "reconstruction_mse_per_point",
+    "reconstruction_bce_per_point",
+)
+
+
+@dataclass
+class EvaluationReport:
+    """Per-point tensors ``[N]`` (CPU) and their means; bound fields are None without a bound.
+
+    ``ladder`` maps k to the mean k-sample bound (its top, k = ``num_samples``, is ``log_px``).
+    ``log_px_stderr`` is the standard error of the mean ``log_px``; ``mean_log_px_stderr`` the
+    average per-point standard error. ``khat_per_point`` is -inf where all weights are equal up
+    to rounding (a perfect guide) and NaN when ``num_samples`` is too small for PSIS or the guide
+    is one-hot. ``point_mass_sites`` names guide sites with all their mass on one value: a
+    continuous one (Delta) leaves no bound (``likelihood_available`` False, ``num_samples`` 0); a
+    discrete one-hot site leaves only the ELBO (``note`` says so).
+    """
+
+    num_points: int
+    num_samples: int
+    likelihood_available: bool
+    note: str | None = None
+    point_mass_sites: list[str] = field(default_factory=list)
+    seed: int | None = None
+    elbo: float | None = None
+    log_px: float | None = None
+    log_px_stderr: float | None = None
+    mean_log_px_stderr: float | None = None
+    gap: float | None = None
+    ladder: dict[int, float] = field(default_factory=dict)
+    khat_threshold: float = KHAT_THRESHOLD
+    khat_share_above: float | None = None
+    mean_ess: float | None = None
+    reconstruction_site: str | None = None
+    reconstruction_mse: float | None = None
+    reconstruction_bce: float | None = None
+    reconstruction_note: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    elbo_per_point: torch.Tensor | None = None
+    elbo_stderr_per_point: torch.Tensor | None = None
+    log_px_per_point: torch.Tensor | None = None
+    log_px_stderr_per_point: torch.Tensor | None = None
+    gap_per_point: torch.Tensor | None = None
+    ladder_per_point: dict[int, torch.Tensor] = field(default_factory=dict)
+    khat_per_point: torch.Tensor | None = None
+    ess_per_point: torch.Tensor | None = None
+    reconstruction_mse_per_point: torch.Tensor | None = None
+    reconstruction_bce_per_point: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: floats, strings, lists; non-finite numbers become None."""
+        out: dict[str, Any] = {}
+        per_point: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _PER_POINT:
+                per_point[f.name.removesuffix("_per_point")] = _json_value(value)
+            elif f.name == "ladder_per_point":
+                per_point["ladder"] = {str(k): _json_value(v) for k, v in value.items()}
+            elif f.name == "ladder":
+                out["ladder"] = {str(k): _json_value(v) for k, v in value.items()}
+            else:
+                out[f.name] = _json_value(value)
+        out["per_point"] = per_point
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationReport:
+        """Inverse of :meth:`to_dict` (None in per-point lists comes back as NaN)."""
+        kwargs = {k: v for k, v in data.items() if k not in ("per_point", "ladder")}
+        kwargs["ladder"] = {int(k): v for k, v in data.get("ladder", {}).items()}
+        per_point = data.get("per_point", {})
+        for name in _PER_POINT:
+            values = per_point.get(name.removesuffix("_per_point"))
+            kwargs[name] = None if values is None else _tensor(values)
+        kwargs["ladder_per_point"] = {
+            int(k): _tensor(v) for k, v in per_point.get("ladder", {}).items()
+        }
+        return cls(**kwargs)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON text, also written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        if path is not None:
+            atomic_write_text(text, path)
+        return text
+
+    def summary_table(self) -> str:
+        """A short table for people: bounds, log p(x) ± s.e., gap, k̂ and ESS (or the note)."""
+        rows = [("points", f"{self.num_points}")]
+        if not self.likelihood_available:
+            rows.append(("likelihood bound", "none"))
+        else:
+            rows.append(("importance samples K", f"{self.num_samples}"))
+            rows.append(("ELBO", f"{self.elbo:.3f}"))
+            for k, bound in self.ladder.items():
+                if 1 < k < self.num_samples:
+                    rows.append((f"IWAE bound, k={k}", f"{bound:.3f}"))
+            rows.append(
+                (
+                    "log p(x) (a lower bound only)" if self.point_mass_sites else "log p(x)",
+                    f"{self.log_px:.3f} ± {self.log_px_stderr:.3f} (s.e. of the mean; "
+                    f"{self.mean_log_px_stderr:.3f} per point on average)",
+                )
+            )
+            rows.append(("gap log p(x) − ELBO", f"{self.gap:.3f}"))
+            if self.khat_share_above is not None:
+                rows.append(
+                    (
+                        f"PSIS k̂ > {self.khat_threshold}",
+                        f"{100 * self.khat_share_above:.1f}% of points",
+                    )
+                )
+            rows.append(("mean ESS", f"{self.mean_ess:.1f} of {self.num_samples}"))
+        if self.reconstruction_mse is not None:
+            rows.append(
+                (f"reconstruction MSE ({self.reconstruction_site})", _fmt(self.reconstruction_mse))
+            )
+        if self.reconstruction_bce is not None:
+            rows.append(
+                (f"reconstruction BCE ({self.reconstruction_site})", _fmt(self.reconstruction_bce))
+            )
+        rows += [(name, _fmt(value)) for name, value in self.extra.items()]
+        width = max(_display_width(name) for name, _ in rows)
+        lines = [f"{name}{' ' * (width - _display_width(name))}  {value}" for name, value in rows]
+        lines += [f"note: {text}" for text in (self.note, self.reconstruction_note) if text]
+        return "\n".join(lines)
+
+
+def _display_width(text: str) -> int:
+    return sum(not unicodedata.combining(char) for char in text)  # k̂ is two code points
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (
+            [_json_value(v) for v in value.tolist()] if value.dim() else _json_value(value.item())
+        )
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _tensor(values: list) -> torch.Tensor:
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
+
+
+# --- per-batch pieces ---------------------------------------------------------------------------
+
+
+def ladder_bounds(log_w: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
+    """For each k, the k-sample bound averaged over the ⌊K/k⌋ disjoint blocks: ``{k: [N]}``."""
+    num_particles = log_w.shape[0]
+    bounds = {}
+    for k in ks:
+        blocks = num_particles // k
+        grouped = log_w[: blocks * k].reshape(blocks, k, *log_w.shape[1:])  # [blocks, k, N]
+        bounds[k] = log_mean_exp(grouped, dim=1).mean(dim=0)
+    return bounds
+
+
+def _arviz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    return arviz
+
+
+def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
+    """PSIS shape k̂ of each point's weights [2], ``[K, N] -> [N]`` (float64, CPU).
+
+    -inf where the weights are equal up to rounding (nothing to smooth: the guide is exact there);
+    NaN when K < 25, too few for the tail fit.
+    """
+    num_particles, num_data = log_w.shape
+    if num_particles < MIN_PSIS_SAMPLES:
+        return torch.full((num_data,), math.nan, dtype=torch.float64)
+    log_w = log_w.detach()
+    spread = (log_w.max(dim=0).values - log_w.min(dim=0).values).cpu().double()
+    scale = log_w.abs().max(dim=0).values.cpu().double().clamp(min=1.0)
+    constant = spread <= CONSTANT_WEIGHT_EPS * torch.finfo(log_w.dtype).eps * scale
+    khat = torch.full((num_data,), -math.inf, dtype=torch.float64)
+    if constant.all():
+        return khat
+    varying = (~constant).nonzero().squeeze(1)
+    # arviz wants samples on the last axis: [points, K]
+    array = log_w[:, varying.to(log_w.device)].to("cpu", torch.float64).T.contiguous().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _, fitted = _arviz().psislw(array, reff=1.0)
+    khat[varying] = torch.as_tensor(np.asarray(fitted, dtype=np.float64)).reshape(-1)
+    return khat
+
+
+@dataclass
+class _Reconstruction:
+    site: str | None
+    mse: torch.Tensor | None  # [N]
+    bce: torch.Tensor | None  # [N], for a Bernoulli observation
+    point_mass_sites: list[str]  # continuous point masses (Delta): no bound exists
+    one_hot_sites: list[str]  # discrete guide sites with all mass on the drawn value
+
+
+def _data_axis(site, data_plate: str, role: str) -> int:
+    frames = [f for f in site["cond_indep_stack"] if f.name == data_plate]
+    if not frames:
+        raise ContractError(
+            f"{role} site {site['name']!r} is outside the {data_plate!r} plate; put every site "
+            f"inside pyro.plate({data_plate!r}, len(x)) — or pass data_plate= to name yours"
+        )
+    return frames[0].dim - len(site["fn"].event_shape)  # negative index into the value
+
+
+def _per_point(values: torch.Tensor, axis: int, reduce: str) -> torch.Tensor:
+    values = values.movedim(axis, 0)
+    values = values.reshape(values.shape[0], -1)
+    return values.mean(dim=1) if reduce == "mean" else values.sum(dim=1)
+
+
+def _is_one_hot(site) -> bool:
+    """A discrete guide site whose drawn value has probability 1 at every data point."""
+    fn = site["fn"]
+    if not getattr(fn.support, "is_discrete", False):
+        return False
+    return bool((fn.log_prob(site["value"]) == 0).all())
+
+
+def reconstruction(model, guide, x, y=None, *, data_plate: str = "data") -> _Reconstruction:
+    """One guide draw, the model replayed on it, and the mean of the observed site's p(x|z).
+
+    The observed site is ``"x"`` when the model observes one, else its first observed site with a
+    mean (factors have none). MSE is averaged over the site's elements, BCE (Bernoulli only)
+    summed: nats per point.
+    """
+    guide_trace = poutine.trace(guide).get_trace(x, y)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    latents = [(n, s) for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
+    point_mass = [n for n, s in latents if isinstance(_base_distribution(s["fn"]), Delta)]
+    one_hot = [n for n, s in latents if _is_one_hot(s)]
+    observed = [(name, site) for name, site in _sample_sites(model_trace) if site["is_observed"]]
+    if not observed:
+        raise ContractError("the model observes no site; pass the data as obs=x inside the model")
+    observed = [(n, s) for n, s in observed if not isinstance(_base_distribution(s["fn"]), Unit)]
+    if not observed:  # only factors
+        return _Reconstruction(None, None, None, point_mass, one_hot)
+    name, site = next(((n, s) for n, s in observed if n == "x"), observed[0])
+    axis = _data_axis(site, data_plate, "model observed")
+    base = _base_distribution(site["fn"])
+    try:
+        mean = base.mean
+    except NotImplementedError:
+        return _Reconstruction(None, None, None, point_mass, one_hot)
+    value, mean = torch.broadcast_tensors(site["value"], mean)
+    mse = _per_point((value - mean) ** 2, axis, "mean")
+    bce = None
+    if isinstance(base, torch.distributions.Bernoulli):
+        nll = -base.log_prob(site["value"])
+        bce = _per_point(torch.broadcast_to(nll, value.shape), axis, "sum")
+    return _Reconstruction(name, mse, bce, point_mass, one_hot)
+
+
+# --- the whole split ----------------------------------------------------------------------------
+
+
+def _split_data(data, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2 or not isinstance(data[0], torch.Tensor):
+            raise PPVAEError("data must be a tensor [N, ...] or a pair (x, y) of tensors")
+        if y is not None:
+            raise PPVAEError("pass labels either as data=(x, y) or as y=, not both")
+        data, y = data
+    if not isinstance(data, torch.Tensor):
+        raise PPVAEError("data must be a tensor [N, ...] or a pair (x, y) of tensors")
+    if data.dim() < 1 or data.shape[0] == 0:
+        raise PPVAEError(f"data must hold at least one point along dim 0, got {tuple(data.shape)}")
+    if y is not None and y.shape[0] != data.shape[0]:
+        raise PPVAEError(f"x has {data.shape[0]} points but y has {y.shape[0]}; they must match")
+    return data, y
+
+
+def _normalise_ladder(ladder, num_samples: int) -> list[int]:
+    ks = [int(k) for k in ladder]
+    if any(k < 1 for k in ks):
+        raise PPVAEError(f"ladder entries must be >= 1, got {list(ladder)}")
+    return sorted({k for k in ks if k <= num_samples} | {num_samples})
+
+
+def _module_device(module, device: torch.device) -> torch.device:
+    if isinstance(module, nn.Module):
+        module.to(device)
+        parameter = next(iter(module.parameters()), None)
+        if parameter is not None:
+            return parameter.device
+    return device
+
+
+def evaluate(
+    module,
+    data,
+    y: torch.Tensor | None = None,
+    *,
+    num_samples: int = 5000,
+    ladder=DEFAULT_LADDER,
+    batch_size: int = 100,
+    device: str | torch.device = "auto",
+    chunk_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    data_plate: str = "data",
+) -> EvaluationReport:
+    """ELBO, the IWAE ladder, log p(x) ± s.e., gap, PSIS k̂ and ESS per data point.
+
+    ``module``: any object with ``model(x, y)`` and ``guide(x, y)`` (DESIGN §1); an ``nn.Module``
+    is moved to ``device`` and put in eval mode for the call. ``data``: a tensor ``[N, ...]`` or a
+    pair ``(x, y)``. Each point's K = ``num_samples`` log-weights are drawn once, ``batch_size``
+    points at a time and ``chunk_size`` particles at a time (peak memory is set by these, not by
+    K); every rung of ``ladder`` (entries above K are dropped; K itself is added) is read off them.
+    The global RNG is seeded with ``seed``, so a rerun with the same arguments is identical.
+    A module method ``evaluation_metrics(x, y) -> dict`` is called on the whole split and its
+    numbers stored in ``report.extra``.
+    """
+    if not (callable(getattr(module, "model", None)) and callable(getattr(module, "guide", None))):
+        raise PPVAEError("module must have model(x, y) and guide(x, y) methods (DESIGN §1)")
+    if num_samples < 1 or batch_size < 1:
+        raise PPVAEError(
+            f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}"
+        )
+    x, y = _split_data(data, y)
+    ks = _normalise_ladder(ladder, num_samples)
+    device = _module_device(module, resolve_device(device))
+    check = getattr(module, "check_data", None)
+    if check is not None:
+        check(x)
+    was_training = module.training if isinstance(module, nn.Module) else None
+    if was_training:
+        module.eval()
+    pyro.set_rng_seed(seed)
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    ladder_parts: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    likelihood_available, site_name, point_mass, one_hot = True, None, [], []
+
+    def keep(name: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            parts.setdefault(name, []).append(value.detach().to("cpu", torch.float64))
+
+    bar = tqdm(total=x.shape[0], disable=not progress, unit="pt", leave=False, dynamic_ncols=True)
+    bar.set_description(f"evaluate (K={num_samples})")
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start : start + batch_size].to(device)
+                yb = None if y is None else y[start : start + batch_size].to(device)
+                recon = reconstruction(module.model, module.guide, xb, yb, data_plate=data_plate)
+                if start == 0:
+                    site_name, point_mass = recon.site, recon.point_mass_sites
+                    likelihood_available, one_hot = not point_mass, recon.one_hot_sites
+                one_hot = [name for name in one_hot if name in recon.one_hot_sites]
+                keep("reconstruction_mse", recon.mse)
+                keep("reconstruction_bce", recon.bce)
+                if likelihood_available:
+                    log_w = log_weights(
+                        module.model,
+                        module.guide,
+                        xb,
+                        yb,
+                        num_particles=num_samples,
+                        chunk_size=chunk_size,
+                        data_plate=data_plate,
+                    )  # [K, B]
+                    _keep_bounds(keep, ladder_parts, log_w, ks)
+                bar.update(xb.shape[0])
+            extra = _extra_metrics(module, x, y, device)
+    finally:
+        bar.close()
+        if was_training:
+            module.train()
+
+    per_point = {name: torch.cat(values) for name, values in parts.items()}
+    report = EvaluationReport(
+        num_points=x.shape[0],
+        num_samples=num_samples,
+        likelihood_available=likelihood_available,
+        seed=seed,
+        point_mass_sites=point_mass + one_hot,
+        reconstruction_site=site_name,
+        reconstruction_mse_per_point=per_point.get("reconstruction_mse"),
+        reconstruction_bce_per_point=per_point.get("reconstruction_bce"),
+        reconstruction_mse=_mean(per_point.get("reconstruction_mse")),
+        reconstruction_bce=_mean(per_point.get("reconstruction_bce")),
+        reconstruction_note=(
+            "reconstruction at the guide's point mass (exact)"
+            if point_mass or one_hot
+            else "reconstruction from one draw z ~ q(z|x), decoded to the mean of p(x|z)"
+        ),
+        extra=extra,
+    )
+    sites = ", ".join(repr(name) for name in point_mass + one_hot)
+    if not likelihood_available:
+        report.note = POINT_MASS_NOTE.format(sites=sites)
+        report.num_samples = 0
+        return report
+    _fill_bounds(report, per_point, ladder_parts)
+    if one_hot:
+        report.khat_per_point = torch.full_like(report.khat_per_point, math.nan)
+        report.khat_share_above = None
+        report.note = ONE_HOT_NOTE.format(sites=sites)
+    return report
+
+
+def _keep_bounds(keep, ladder_parts, log_w: torch.Tensor, ks: list[int]) -> None:
+    num_particles = log_w.shape[0]
+    bounds = ladder_bounds(log_w, ks)
+    for k in ks:
+        ladder_parts[k].append(bounds[k].detach().to("cpu", torch.float64))
+    elbo = bounds[1] if 1 in bounds else log_w.mean(dim=0)
+    keep("elbo", elbo)
+    if num_particles > 1:
+        keep("elbo_stderr", log_w.std(dim=0) / math.sqrt(num_particles))
+    keep("log_px", bounds[num_particles])
+    keep("log_px_stderr", log_marginal_stderr(log_w))
+    keep("ess", effective_sample_size(log_w))
+    keep("khat", pareto_khat(log_w))
+
+
+def _fill_bounds(report: EvaluationReport, per_point, ladder_parts) -> None:
+    report.elbo_per_point = per_point["elbo"]
+    report.elbo_stderr_per_point = per_point.get("elbo_stderr")
+    report.log_px_per_point = per_point["log_px"]
+    report.log_px_stderr_per_point = per_point["log_px_stderr"]
+    report.gap_per_point = report.log_px_per_point - report.elbo_per_point
+    report.khat_per_point = per_point["khat"]
+    report.ess_per_point = per_point["ess"]
+    report.ladder_per_point = {k: torch.cat(v) for k, v in ladder_parts.items()}
+    report.ladder = {k: _mean(v) for k, v in report.ladder_per_point.items()}
+    report.elbo = _mean(report.elbo_per_point)
+    report.log_px = _mean(report.log_px_per_point)
+    stderr = report.log_px_stderr_per_point
+    report.log_px_stderr = float(stderr.pow(2).sum().sqrt() / stderr.numel())
+    report.mean_log_px_stderr = _mean(stderr)
+    report.gap = _mean(report.gap_per_point)
+    report.mean_ess = _mean(report.ess_per_point)
+    khat = report.khat_per_point
+    if not torch.isnan(khat).all():
+        report.khat_share_above = float((khat > report.khat_threshold).double().mean())
+    else:
+        report.note = f"PSIS k̂ needs at least {MIN_PSIS_SAMPLES} importance samples"
+
+
+def _mean(values: torch.Tensor | None) -> float | None:
+    return None if values is None else float(values.mean())
+
+
+def _extra_metrics(module, x, y, device) -> dict[str, float]:
+    metrics = getattr(module, "evaluation_metrics", None)
+    if metrics is None:
+        return {}
+    values = metrics(x.to(device), None if y is None else y.to(device))
+    return {str(k): float(v) for k, v in dict(values).items()}
