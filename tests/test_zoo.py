@@ -252,7 +252,7 @@ def _vq_traces(module, x):
     return guide_trace, model_trace
 
 
-def _site_log_prob(trace, name: str) -> torch.Tensor:
+def site_log_prob(trace, name: str) -> torch.Tensor:
     site = trace.nodes[name]
     return site["fn"].log_prob(site["value"])  # [N]
 
@@ -283,7 +283,7 @@ def _last_encoder_bias(module) -> str:
 def test_vqvae_straight_through_gradient_reaches_the_encoder(digits):
     module, x, codes, model_trace = _vq_setup(digits)
     assert len(codes.unique()) > 1
-    reconstruction = _site_log_prob(model_trace, "x").sum()
+    reconstruction = site_log_prob(model_trace, "x").sum()
     grads = _grads(reconstruction, module)
 
     e = module.codebook[codes].detach().requires_grad_()  # [N, P, C]
@@ -300,7 +300,7 @@ def test_vqvae_straight_through_gradient_reaches_the_encoder(digits):
 
 def test_vqvae_codebook_loss_moves_only_the_codebook(digits):
     module, x, codes, model_trace = _vq_setup(digits)
-    codebook_term = _site_log_prob(model_trace, "codebook_loss")  # [N] = −‖sg[z_e] − e‖²
+    codebook_term = site_log_prob(model_trace, "codebook_loss")  # [N] = −‖sg[z_e] − e‖²
     with torch.no_grad():
         z_e = module.encoder_output(x)
         e = module.codebook[codes]
@@ -319,7 +319,7 @@ def test_vqvae_codebook_loss_moves_only_the_codebook(digits):
 
 def test_vqvae_commitment_loss_moves_only_the_encoder(digits):
     module, x, codes, model_trace = _vq_setup(digits)
-    commitment_term = _site_log_prob(model_trace, "commitment_loss")  # −β‖z_e − sg[e]‖²
+    commitment_term = site_log_prob(model_trace, "commitment_loss")  # −β‖z_e − sg[e]‖²
     with torch.no_grad():
         z_e = module.encoder_output(x)
         e = module.codebook[codes]
@@ -336,8 +336,8 @@ def test_vqvae_losses_train_but_stay_out_of_the_likelihood_bounds(digits):
     module, x, codes, model_trace = _vq_setup(digits)
     num_positions, codebook_size = codes.shape[1], module.codebook_size
     with torch.no_grad():
-        log_lik = _site_log_prob(model_trace, "x")  # [N]
-        auxiliary = _site_log_prob(model_trace, "codebook_loss") + _site_log_prob(
+        log_lik = site_log_prob(model_trace, "x")  # [N]
+        auxiliary = site_log_prob(model_trace, "codebook_loss") + site_log_prob(
             model_trace, "commitment_loss"
         )
         log_w_expected = log_lik - num_positions * math.log(codebook_size)

@@ -1,5 +1,7 @@
 """Training, objectives, evaluation and diagnostics for any model/guide pair (DESIGN §2)."""
 
+from ppvae.inference.collapse import active_units, collapse_metrics, kl_per_dimension
+from ppvae.inference.evaluate import EvaluationReport, evaluate
 from ppvae.inference.importance import (
     effective_sample_size,
     elbo,
@@ -8,16 +10,25 @@ from ppvae.inference.importance import (
     log_marginal_stderr,
     log_weights,
 )
+from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO, make_objective
 from ppvae.inference.train import FitResult, fit, resolve_device
 
 __all__ = [
+    "IWAE_ELBO",
+    "EvaluationReport",
     "FitResult",
-    "fit",
-    "resolve_device",
+    "KLWeighted_ELBO",
+    "active_units",
+    "collapse_metrics",
     "effective_sample_size",
     "elbo",
+    "evaluate",
+    "fit",
     "iwae_bound",
+    "kl_per_dimension",
     "log_marginal",
     "log_marginal_stderr",
     "log_weights",
+    "make_objective",
+    "resolve_device",
 ]

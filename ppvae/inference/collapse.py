@@ -36,7 +36,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, kl_divergence
 
 from ppvae.errors import ContractError, PPVAEError
-from ppvae.inference.importance import DEFAULT_CHUNK_BUDGET, _base_distribution, plate_nesting
+from ppvae.inference.importance import DEFAULT_CHUNK_BUDGET, base_distribution, plate_nesting
 
 DIAGNOSTIC_PLATE = "_ppvae_diagnostic_particles"
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015)
@@ -196,7 +196,7 @@ def kl_per_dimension(
                 module, xb, yb, num_samples, run_model=True
             )
             for name, guide_site in latent_sites(guide_trace):
-                if isinstance(_base_distribution(guide_site["fn"]), Delta):
+                if isinstance(base_distribution(guide_site["fn"]), Delta):
                     raise ContractError(
                         f"guide site {name!r} is a point mass: KL(q || p) does not exist for a "
                         "deterministic encoder"

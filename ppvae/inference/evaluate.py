@@ -51,13 +51,14 @@ from tqdm.auto import tqdm
 
 from ppvae.checkpoint import atomic_write_text
 from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference.collapse import collapse_metrics
 from ppvae.inference.importance import (
-    _base_distribution,
-    _sample_sites,
+    base_distribution,
     effective_sample_size,
     log_marginal_stderr,
     log_mean_exp,
     log_weights,
+    sample_sites,
 )
 from ppvae.inference.train import resolve_device
 
@@ -125,6 +126,10 @@ class EvaluationReport:
     reconstruction_bce: float | None = None
     reconstruction_note: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    active_units: int | None = None  # Burda et al.: Var_x(E_q[z_d]) > 0.01
+    latent_units: int | None = None
+    kl: float | None = None  # mean over points of KL(q(z|x) || p(z))
+    kl_per_dim: dict[str, list[float]] = field(default_factory=dict)
     elbo_per_point: torch.Tensor | None = None
     elbo_stderr_per_point: torch.Tensor | None = None
     log_px_per_point: torch.Tensor | None = None
@@ -209,6 +214,9 @@ class EvaluationReport:
             rows.append(
                 (f"reconstruction BCE ({self.reconstruction_site})", _fmt(self.reconstruction_bce))
             )
+        if self.active_units is not None:
+            rows.append(("active units", f"{self.active_units} of {self.latent_units}"))
+            rows.append(("KL(q(z|x) || p(z))", f"{self.kl:.3f} nats"))
         rows += [(name, _fmt(value)) for name, value in self.extra.items()]
         width = max(_display_width(name) for name, _ in rows)
         lines = [f"{name}{' ' * (width - _display_width(name))}  {value}" for name, value in rows]
@@ -333,18 +341,18 @@ def reconstruction(model, guide, x, y=None, *, data_plate: str = "data") -> _Rec
     """
     guide_trace = poutine.trace(guide).get_trace(x, y)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
-    latents = [(n, s) for n, s in _sample_sites(guide_trace) if not s["is_observed"]]
-    point_mass = [n for n, s in latents if isinstance(_base_distribution(s["fn"]), Delta)]
+    latents = [(n, s) for n, s in sample_sites(guide_trace) if not s["is_observed"]]
+    point_mass = [n for n, s in latents if isinstance(base_distribution(s["fn"]), Delta)]
     one_hot = [n for n, s in latents if _is_one_hot(s)]
-    observed = [(name, site) for name, site in _sample_sites(model_trace) if site["is_observed"]]
+    observed = [(name, site) for name, site in sample_sites(model_trace) if site["is_observed"]]
     if not observed:
         raise ContractError("the model observes no site; pass the data as obs=x inside the model")
-    observed = [(n, s) for n, s in observed if not isinstance(_base_distribution(s["fn"]), Unit)]
+    observed = [(n, s) for n, s in observed if not isinstance(base_distribution(s["fn"]), Unit)]
     if not observed:  # only factors
         return _Reconstruction(None, None, None, point_mass, one_hot)
     name, site = next(((n, s) for n, s in observed if n == "x"), observed[0])
     axis = _data_axis(site, data_plate, "model observed")
-    base = _base_distribution(site["fn"])
+    base = base_distribution(site["fn"])
     try:
         mean = base.mean
     except NotImplementedError:
@@ -470,6 +478,7 @@ def evaluate(
                     _keep_bounds(keep, ladder_parts, log_w, ks)
                 bar.update(xb.shape[0])
             extra = _extra_metrics(module, x, y, device)
+            collapse = _collapse_metrics(module, x, y, device) if likelihood_available else {}
     finally:
         bar.close()
         if was_training:
@@ -493,6 +502,10 @@ def evaluate(
             else "reconstruction from one draw z ~ q(z|x), decoded to the mean of p(x|z)"
         ),
         extra=extra,
+        active_units=collapse.get("active_units"),
+        latent_units=collapse.get("latent_units"),
+        kl=collapse.get("kl"),
+        kl_per_dim=collapse.get("kl_per_dim", {}),
     )
     sites = ", ".join(repr(name) for name in point_mass + one_hot)
     if not likelihood_available:
@@ -548,6 +561,15 @@ def _fill_bounds(report: EvaluationReport, per_point, ladder_parts) -> None:
 
 def _mean(values: torch.Tensor | None) -> float | None:
     return None if values is None else float(values.mean())
+
+
+def _collapse_metrics(module, x, y, device) -> dict:
+    """Active units and KL per latent dimension (posterior-collapse diagnostics), where they
+    exist; on a forked RNG so the bounds above are unaffected."""
+    try:
+        return collapse_metrics(module, x.to(device), None if y is None else y.to(device))
+    except PPVAEError:
+        return {}
 
 
 def _extra_metrics(module, x, y, device) -> dict[str, float]:

@@ -25,6 +25,7 @@ drawn in chunks, so peak memory is set by ``chunk_size``, not by K.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import pyro
@@ -47,7 +48,7 @@ def _trace_pair(model: Callable, guide: Callable, x, y):
     return model_trace, guide_trace
 
 
-def _sample_sites(trace):
+def sample_sites(trace):
     for name, site in trace.nodes.items():
         if (
             site["type"] == "sample"
@@ -57,44 +58,75 @@ def _sample_sites(trace):
             yield name, site
 
 
+_NESTING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _nesting_key(model: Callable, guide: Callable, y):
+    """(owner, key) for bound methods of one object, e.g. ``module.model``/``module.guide``."""
+    owner = getattr(model, "__self__", None)
+    if owner is None or getattr(guide, "__self__", None) is not owner:
+        return None, None
+    try:
+        weakref.ref(owner)
+    except TypeError:
+        return None, None
+    return owner, (model.__func__, guide.__func__, y is None)
+
+
 def plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> int:
-    """``max_plate_nesting`` read off one trace of model and guide (never hard-coded)."""
-    with torch.no_grad():
+    """``max_plate_nesting`` of a model/guide pair, read off a trace once and cached for bound
+    methods of the same module."""
+    owner, key = _nesting_key(model, guide, y)
+    if owner is not None:
+        cached = _NESTING_CACHE.setdefault(owner, {})
+        if key not in cached:
+            cached[key] = _probe_plate_nesting(model, guide, x, y)
+        return cached[key]
+    return _probe_plate_nesting(model, guide, x, y)
+
+
+def _probe_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> int:
+    """``max_plate_nesting`` read off one trace of model and guide (never hard-coded).
+
+    The probe runs on a forked RNG, so it does not shift the particles drawn afterwards.
+    """
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         traces = _trace_pair(model, guide, x[:1], None if y is None else y[:1])
     nesting = 0
     for trace in traces:
-        for _, site in _sample_sites(trace):
+        for _, site in sample_sites(trace):
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized:
                     nesting = max(nesting, -frame.dim)
     return nesting
 
 
-def _base_distribution(fn):
+def base_distribution(fn):
     while hasattr(fn, "base_dist"):  # Independent, Masked, Expanded wrappers
         fn = fn.base_dist
     return fn
 
 
 def _check_contract(model_trace, guide_trace, data_plate: str, num_data: int) -> None:
-    model_latents = {n for n, s in _sample_sites(model_trace) if not s["is_observed"]}
-    guide_latents = {n for n, s in _sample_sites(guide_trace) if not s["is_observed"]}
+    model_latents = {n for n, s in sample_sites(model_trace) if not s["is_observed"]}
+    guide_latents = {n for n, s in sample_sites(guide_trace) if not s["is_observed"]}
     if model_latents != guide_latents:
         raise ContractError(
             f"the guide must sample exactly the model's latent sites: model has "
             f"{sorted(model_latents)}, guide has {sorted(guide_latents)}"
         )
-    for name, site in _sample_sites(guide_trace):
-        if isinstance(_base_distribution(site["fn"]), Delta):
+    for name, site in sample_sites(guide_trace):
+        if isinstance(base_distribution(site["fn"]), Delta):
             raise ContractError(
                 f"guide site {name!r} is a point mass (Delta): a deterministic encoder has no "
                 "importance weights, so no ELBO, IWAE bound or log p(x) exists for this model "
                 "(an autoencoder); compare it by reconstruction error instead"
             )
-    if not any(s["is_observed"] for _, s in _sample_sites(model_trace)):
+    if not any(s["is_observed"] for _, s in sample_sites(model_trace)):
         raise ContractError("the model observes no site; pass the data as obs=x inside the model")
     for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
-        for name, site in _sample_sites(trace):
+        for name, site in sample_sites(trace):
             frames = [f for f in site["cond_indep_stack"] if f.name == data_plate]
             if not frames:
                 kind = "observed" if site["is_observed"] else "latent"
@@ -110,7 +142,7 @@ def _check_contract(model_trace, guide_trace, data_plate: str, num_data: int) ->
                 )
 
 
-def _site_log_prob(
+def site_log_prob(
     site, data_plate: str, particle_dim: int, num_particles: int, num_data: int, scaled: bool
 ):
     """log density of one site summed to ``[num_particles, num_data]``."""
@@ -144,8 +176,8 @@ def _chunk_log_weights(
     _check_contract(model_trace, guide_trace, data_plate, num_data)
     total = x.new_zeros(num_particles, num_data)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for _, site in _sample_sites(trace):
-            total = total + sign * _site_log_prob(
+        for _, site in sample_sites(trace):
+            total = total + sign * site_log_prob(
                 site, data_plate, particle_dim, num_particles, num_data, scaled
             )
     return total  # [num_particles, N]
@@ -186,18 +218,54 @@ def log_weights(
     return torch.cat(chunks, dim=0)
 
 
-def elbo(model, guide, x, y=None, *, num_particles: int = 1, **kwargs) -> torch.Tensor:
+def elbo(
+    model,
+    guide,
+    x,
+    y=None,
+    *,
+    num_particles: int = 1,
+    chunk_size: int | None = None,
+    data_plate: str = "data",
+) -> torch.Tensor:
     """Monte Carlo ELBO per data point, ``[N]``."""
-    return log_weights(model, guide, x, y, num_particles=num_particles, **kwargs).mean(dim=0)
+    log_w = log_weights(
+        model,
+        guide,
+        x,
+        y,
+        num_particles=num_particles,
+        chunk_size=chunk_size,
+        data_plate=data_plate,
+    )
+    return log_w.mean(dim=0)
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
 
 
-def iwae_bound(model, guide, x, y=None, *, num_particles: int, **kwargs) -> torch.Tensor:
+def iwae_bound(
+    model,
+    guide,
+    x,
+    y=None,
+    *,
+    num_particles: int,
+    chunk_size: int | None = None,
+    data_plate: str = "data",
+) -> torch.Tensor:
     """The K-sample importance-weighted bound per data point, ``[N]``."""
-    return log_mean_exp(log_weights(model, guide, x, y, num_particles=num_particles, **kwargs))
+    log_w = log_weights(
+        model,
+        guide,
+        x,
+        y,
+        num_particles=num_particles,
+        chunk_size=chunk_size,
+        data_plate=data_plate,
+    )
+    return log_mean_exp(log_w)
 
 
 def normalized_weights(log_w: torch.Tensor) -> torch.Tensor:

@@ -76,9 +76,9 @@ from ppvae.errors import PPVAEError
 from ppvae.inference.collapse import data_dim, latent_sites, points_by_dimension, site_kl
 from ppvae.inference.importance import (
     PARTICLE_PLATE,
-    _site_log_prob,
     log_mean_exp,
     log_weights,
+    site_log_prob,
 )
 
 OBJECTIVES = ("elbo", "mean-field", "iwae", "iwae-dreg")
@@ -162,7 +162,7 @@ class _RecordingGuide:
             )
         score = x.new_zeros(particles.size, x.shape[0])
         for _, site in latent_sites(replayed):
-            score = score + _site_log_prob(
+            score = score + site_log_prob(
                 site, self.data_plate, particles.dim, particles.size, x.shape[0], scaled=True
             )
         return score  # [chunk, N]
