@@ -80,7 +80,11 @@ def ppvae_epoch(module: VAE, x: torch.Tensor, batch_size: int, k: int, lr: float
     fit(module, x, loss=loss, lr=lr, epochs=1, batch_size=batch_size, device="cpu", progress=False)
 
 
-VARIANTS = {"hand-written": hand_written_epoch, "pyro-svi": plain_svi_epoch, "ppvae-fit": ppvae_epoch}
+VARIANTS = {
+    "hand-written": hand_written_epoch,
+    "pyro-svi": plain_svi_epoch,
+    "ppvae-fit": ppvae_epoch,
+}
 
 
 def run_setting(name: str, x: torch.Tensor, repeats: int, lr: float) -> dict:
@@ -91,7 +95,7 @@ def run_setting(name: str, x: torch.Tensor, repeats: int, lr: float) -> dict:
     ).state_dict()
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     warm = x[: spec["batch_size"] * 5]
-    for variant, epoch in VARIANTS.items():  # warm-up: first-call costs stay out of the timings
+    for epoch in VARIANTS.values():  # warm-up: first-call costs stay out of the timings
         module = VAE(784, spec["latent_dim"], hidden=spec["hidden"], activation=spec["activation"])
         module.load_state_dict(reference)
         epoch(module, warm, spec["batch_size"], spec["k"], lr)
@@ -144,8 +148,17 @@ def main() -> None:
         print(f"{name:10s} batch {result['batch_size']:3d}, K={result['k']:2d}: {row}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
-                               "num_points": args.num_points, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "date": time.strftime("%Y-%m-%d"),
+                "num_points": args.num_points,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -1,6 +1,8 @@
-"""``fit``: the training loop around :class:`pyro.infer.SVI` (DESIGN §2, §6).
+"""``fit``: the SVI training loop (DESIGN §2, §6).
 
-Each epoch: a seeded shuffle, SVI steps over mini-batches, the validation ELBO per data point
+Each epoch: a seeded shuffle, SVI steps over mini-batches
+(:class:`~ppvae.inference.svi_step.SVIStep`: ``pyro.infer.SVI``'s update with one fused optimizer
+and no host sync per step on a GPU), the validation ELBO per data point
 (``ppvae.inference.elbo``), then an atomic checkpoint (model, optimizer, RNG states, epoch, config)
 and one line in ``metrics.jsonl``. Randomness that changes per epoch (shuffle, dynamic
 binarisation) is derived from ``(seed, epoch)`` and the global RNG state is checkpointed, so
@@ -20,7 +22,7 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,6 +38,7 @@ from ppvae.checkpoint import (
 )
 from ppvae.errors import ContractError, DivergenceError, PPVAEError
 from ppvae.inference.importance import elbo
+from ppvae.inference.svi_step import SVIStep
 
 LAST_CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
@@ -211,6 +214,7 @@ def fit(
     seed: int = 0,
     config: dict[str, Any] | None = None,
     progress: bool = True,
+    lr_schedule: Callable[[int], float] | None = None,
     epoch_metrics: Callable[[nn.Module], dict] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
 ) -> FitResult:
@@ -221,7 +225,9 @@ def fit(
     per epoch) or a ``DataLoader``. ``validation``: a tensor or ``(x, y)`` pair for the
     per-epoch validation ELBO. With ``run_dir``, checkpoints and ``metrics.jsonl`` are written
     there after every epoch; ``resume=True`` continues from ``run_dir/checkpoint.pt``.
-    ``optimizer`` defaults to ``pyro.optim.Adam({"lr": lr})``; ``loss`` to ``Trace_ELBO()``.
+    ``optimizer`` defaults to ``pyro.optim.Adam({"lr": lr})`` (its constructor and arguments build
+    one torch optimizer over the module's parameters); ``loss`` to ``Trace_ELBO()``.
+    ``lr_schedule(epoch) -> lr`` (1-based epochs) sets the learning rate before each epoch.
     If ``loss`` has a ``set_epoch(epoch)`` method (KL warm-up, β schedules) it is called before
     every epoch (1-based). ``epoch_metrics(module) -> dict`` adds entries to each epoch's record.
     The global Pyro param store is cleared first, so parameters of an earlier run cannot leak in.
@@ -244,7 +250,6 @@ def fit(
         checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
         restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
         module.to(device)
-        optimizer.set_state(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
         result.resumed_from_epoch = checkpoint["epoch"]
@@ -268,7 +273,10 @@ def fit(
             "".join(json.dumps(record) + "\n" for record in result.history), run_dir / METRICS_FILE
         )
 
-    svi = SVI(module.model, module.guide, optimizer, loss=loss)
+    svi = SVIStep(module, loss, optimizer, batches.first())
+    if resume:
+        svi.load_state_dict(checkpoint["optimizer"])
+    sync_every = 1 if device.type == "cpu" else 50  # .item() is free on a CPU, a sync on a GPU
     bar = tqdm(
         total=max(0, epochs - start_epoch + 1) * len(batches),
         disable=None if progress else True,  # None: off when stderr is not a terminal
@@ -281,22 +289,26 @@ def fit(
             module.train()
             if hasattr(loss, "set_epoch"):
                 loss.set_epoch(epoch)
+            if lr_schedule is not None:
+                svi.set_lr(lr_schedule(epoch))
             bar.set_description(f"epoch {epoch}/{epochs}")
             tic = time.perf_counter()
-            total_loss, steps = 0.0, 0
+            total_loss, steps = torch.zeros((), device=device, dtype=torch.float64), 0
             for xb, yb in batches.epoch(epoch):
                 steps += 1
                 try:
-                    step_loss = svi.step(xb, yb)
+                    total_loss += svi.step(xb, yb)
                 except ValueError as error:
                     # Pyro's argument validation is where NaN parameters usually surface
                     if not _diverged(module, error):
                         raise
-                    step_loss = float("nan")
-                if not math.isfinite(step_loss):
-                    raise _divergence(epoch, steps, step_loss, run_dir)
-                total_loss += step_loss
+                    raise _divergence(epoch, steps, float("nan"), run_dir) from None
+                if steps % sync_every == 0 and not torch.isfinite(total_loss):
+                    raise _divergence(epoch, steps, float(total_loss), run_dir)
                 bar.update(1)
+            total_loss = float(total_loss)
+            if not math.isfinite(total_loss):
+                raise _divergence(epoch, steps, total_loss, run_dir)
             module.eval()
             record = {
                 "epoch": epoch,
@@ -326,7 +338,7 @@ def fit(
                 # metrics first: resume truncates lines past the checkpoint's epoch
                 with open(run_dir / METRICS_FILE, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                _save_epoch(module, optimizer, run_dir, epoch, seed, config, result)
+                _save_epoch(module, svi, run_dir, epoch, seed, config, result)
             if on_epoch_end is not None:
                 on_epoch_end(record)
     finally:
@@ -350,12 +362,12 @@ def _divergence(epoch: int, step: int, loss: float, run_dir: Path | None) -> Div
     )
 
 
-def _save_epoch(module, optimizer, run_dir: Path, epoch: int, seed: int, config, result) -> None:
+def _save_epoch(module, svi: SVIStep, run_dir: Path, epoch: int, seed: int, config, result) -> None:
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "model": model_identity(module),
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-        "optimizer": optimizer.get_state(),
+        "optimizer": svi.state_dict(),
         "rng": rng_state(),
         "epoch": epoch,
         "seed": seed,
