@@ -291,15 +291,18 @@ class IWAE_ELBO(ELBO):
         if self._parameter_split is not None and self._parameter_split[0] == key:
             return self._parameter_split[1], self._parameter_split[2]
         xb, yb = x[:2], None if y is None else y[:2]
-        with _rng_fork(x), torch.enable_grad():
+        with (
+            _rng_fork(x),
+            torch.enable_grad(),
+            poutine.trace(param_only=True) as param_capture,  # what SVI would optimise
+        ):
             guide_trace = poutine.trace(guide).get_trace(xb, yb)
             model_trace = poutine.trace(poutine.replay(model, trace=_detached(guide_trace)))
             model_trace = model_trace.get_trace(xb, yb)
         params: dict[str, torch.Tensor] = {}
-        for trace in (guide_trace, model_trace):
-            for name, site in trace.nodes.items():
-                if site["type"] == "param" and _unconstrained(site["value"]).requires_grad:
-                    params.setdefault(name, _unconstrained(site["value"]))
+        for name, site in param_capture.trace.nodes.items():
+            if site["type"] == "param" and _unconstrained(site["value"]).requires_grad:
+                params.setdefault(name, _unconstrained(site["value"]))
         names = [n for n, p in params.items() if any(p is leaf for leaf in leaves)]
         samples = [s["value"] for _, s in latent_sites(guide_trace) if s["value"].requires_grad]
         guide_names: list[str] = []

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
+from ppvae.contract import register_module
 from ppvae.errors import PPVAEError
 from ppvae.models.likelihoods import (
     check_likelihood,
@@ -79,7 +80,7 @@ class AE(nn.Module):
         )
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("ae", self)
+        register_module("ae", self)
         flat = dist.ImproperUniform(constraints.real, (), (self.latent_dim,))
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", flat)  # [..., N, latent_dim]
@@ -88,7 +89,7 @@ class AE(nn.Module):
             )
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("ae", self)
+        register_module("ae", self)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Delta(self.encoder(x), event_dim=1))
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ppvae.contract import register_module
 from ppvae.errors import PPVAEError
 from ppvae.models.likelihoods import (
     check_likelihood,
@@ -88,7 +89,7 @@ class CVAE(nn.Module):
         )
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("cvae", self)
+        register_module("cvae", self)
         label = self.one_hot(y, x.shape[0], x.dtype)  # [N, num_classes]
         zeros = x.new_zeros(self.latent_dim)
         with pyro.plate("data", x.shape[0]):
@@ -97,7 +98,7 @@ class CVAE(nn.Module):
             pyro.sample("x", observation_dist(self.likelihood, logits, self.raw_obs_scale), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("cvae", self)
+        register_module("cvae", self)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x, y)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

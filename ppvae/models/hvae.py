@@ -27,6 +27,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ppvae.contract import register_module
 from ppvae.models.likelihoods import (
     check_likelihood,
     check_observations,
@@ -79,7 +80,7 @@ class HVAE(nn.Module):
         )
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("hvae", self)
+        register_module("hvae", self)
         zeros = x.new_zeros(self.latent_dim2)
         with pyro.plate("data", x.shape[0]):
             z2 = pyro.sample("z2", dist.Normal(zeros, 1.0).to_event(1))  # [..., N, latent_dim2]
@@ -90,7 +91,7 @@ class HVAE(nn.Module):
             )
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("hvae", self)
+        register_module("hvae", self)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x)
             z1 = pyro.sample("z1", dist.Normal(loc, scale).to_event(1))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ppvae.contract import register_module
 from ppvae.errors import PPVAEError
 
 GUIDE_FAMILIES = ("diagonal", "exact")
@@ -60,14 +61,14 @@ class LinearGaussian(nn.Module):
         return F.softplus(self.raw_noise)
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("linear_gaussian", self)
+        register_module("linear_gaussian", self)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
             loc = z @ self.weight.T + self.bias  # [..., N, D]
             pyro.sample("x", dist.Normal(loc, self.noise_scale).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("linear_gaussian", self)
+        register_module("linear_gaussian", self)
         with pyro.plate("data", x.shape[0]):
             if self.guide_family == "exact":
                 mean, cov = self.posterior(x)

@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ppvae.contract import register_module
 from ppvae.models.likelihoods import (
     check_likelihood,
     check_observations,
@@ -64,7 +65,7 @@ class VAE(nn.Module):
         )
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("vae", self)
+        register_module("vae", self)
         zeros = x.new_zeros(self.latent_dim)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))  # [..., N, latent_dim]
@@ -73,7 +74,7 @@ class VAE(nn.Module):
             )
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("vae", self)
+        register_module("vae", self)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encode(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

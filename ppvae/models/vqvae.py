@@ -54,7 +54,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppvae.contract import auxiliary_loss
+from ppvae.contract import auxiliary_loss, register_module
 from ppvae.errors import PPVAEError
 from ppvae.models.likelihoods import (
     check_likelihood,
@@ -139,7 +139,7 @@ class VQVAE(nn.Module):
 
     # the Pyro program ---------------------------------------------------------------------
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("vqvae", self)
+        register_module("vqvae", self)
         uniform = x.new_zeros(self.num_positions, self.codebook_size)  # logits of p(k)
         with pyro.plate("data", x.shape[0]):
             code = pyro.sample("code", dist.Categorical(logits=uniform).to_event(1))  # [..., N, P]
@@ -155,7 +155,7 @@ class VQVAE(nn.Module):
             pyro.sample("x", observation_dist(self.likelihood, out, self.raw_obs_scale), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        pyro.module("vqvae", self)
+        register_module("vqvae", self)
         with pyro.plate("data", x.shape[0]):
             z_e = self.encoder_output(x)
             nearest = self.quantize(z_e)  # [N, P]
