@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import REPO, requires_cuda
 
+import ppvae.inference.train as train
 from ppvae.checkpoint import load_checkpoint, restore_module
+from ppvae.data import DynamicBinarization
 from ppvae.errors import DivergenceError, PPVAEError
 from ppvae.inference import fit
-from ppvae.inference.train import validation_elbo
+from ppvae.inference.train import check_training_data, read_metrics, validation_elbo
 from ppvae.models import VAE
 
 
@@ -80,7 +82,7 @@ def test_resume_reproduces_uninterrupted_run(digits, tmp_path):
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 4
 
 
-def test_divergence_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
+def test_divergence_stops_and_keeps_last_good_checkpoint(digits, tmp_path, recwarn):
     module = _vae(digits)
 
     def poison(record):
@@ -101,6 +103,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert not [w for w in recwarn if "Encountered" in str(w.message)]  # only the one error
 
 
 def test_bad_checkpoints_are_refused(digits, tmp_path):
@@ -265,3 +268,160 @@ def test_svi_step_reproduces_pyro_svi(digits, kind):
     for (name, p), q in zip(ours.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5), name
     assert reference_losses[-1] < reference_losses[0] - 5  # it trained: the comparison has teeth
+
+
+@pytest.mark.parametrize(
+    "model, kind, bad",
+    [
+        ("vae", "tensor", float("nan")),
+        ("vae", "tensor", 0.5),  # a grey value under a Bernoulli likelihood
+        ("vae", "pair", float("inf")),
+        ("vae", "epoch-object", float("nan")),
+        ("plain", "tensor", float("nan")),  # no check_data: a NaN/inf check
+    ],
+)
+def test_bad_value_in_last_training_point_is_refused_before_writing(
+    digits, tmp_path, model, kind, bad
+):
+    x, y = digits.split("train")
+    x = x.clone()
+    x[-1, 5] = bad
+    if kind == "epoch-object":
+        grey = digits.train_x.clone()
+        grey[-1, 5] = bad
+        with pytest.raises(PPVAEError, match="NaN/inf"):
+            DynamicBinarization(grey, y)  # refused where it is built ...
+        data = DynamicBinarization(digits.train_x.clone(), y)
+        data.x[-1, 5] = bad  # ... and by fit, if the values go bad afterwards
+    else:
+        data = x if kind == "tensor" else (x, y)
+    module = _vae(digits) if model == "vae" else _PlainPyroVAE(digits.input_dim)
+    run_dir = tmp_path / "run"
+    with pytest.raises(PPVAEError, match="NaN/inf|binary data") as info:
+        fit(module, data, epochs=1, batch_size=100, run_dir=run_dir, progress=False)
+    assert not isinstance(info.value, DivergenceError)
+    assert "\n" not in str(info.value)
+    assert not run_dir.exists()
+    with pytest.raises(PPVAEError, match="NaN/inf|binary data"):
+        check_training_data(module, data)  # the same checks, for the CLI to run first
+
+
+class _PoisonedAdam(torch.optim.Adam):
+    """Adam that fills its first parameter with ``value`` after its ``poison_at``-th step."""
+
+    def __init__(self, params, lr, poison_at, value):
+        super().__init__(params, lr=lr)
+        self.poison_at, self.value, self.steps = poison_at, value, 0
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.steps += 1
+        if self.steps == self.poison_at:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(self.value)
+        return loss
+
+
+@pytest.mark.parametrize(
+    "value, with_validation",
+    [
+        (float("nan"), True),
+        (float("nan"), False),
+        (1e37, True),  # finite parameters, NaN (a Pyro ValueError) in the validation ELBO
+    ],
+)
+def test_nan_on_last_step_of_an_epoch_is_a_divergence(
+    digits, tmp_path, recwarn, value, with_validation
+):
+    import pyro.optim
+
+    x = digits.split("train")[0]
+    steps_per_epoch = -(-x.shape[0] // 200)
+    poison = {"lr": 1e-3, "poison_at": 2 * steps_per_epoch, "value": value}
+    optimizer = pyro.optim.PyroOptim(_PoisonedAdam, poison)
+    with pytest.raises(
+        DivergenceError,
+        match=rf"diverged at epoch 2, step {steps_per_epoch} \(.*NaN.*\).*checkpoint\.pt",
+    ):
+        fit(
+            _vae(digits),
+            x,
+            optimizer=optimizer,
+            epochs=4,
+            batch_size=200,
+            validation=digits.split("val") if with_validation else None,
+            run_dir=tmp_path,
+            progress=False,
+        )
+    for name in ("checkpoint.pt", "checkpoint-best.pt"):
+        checkpoint = load_checkpoint(tmp_path / name)
+        assert checkpoint["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
+    assert not [w for w in recwarn if "Encountered" in str(w.message)]
+
+
+def test_resume_survives_a_cut_off_metrics_line(digits, tmp_path, monkeypatch):
+    writes = []
+    atomic_write_text = train.atomic_write_text
+    monkeypatch.setattr(
+        train,
+        "atomic_write_text",
+        lambda text, path: writes.append(path.name) or atomic_write_text(text, path),
+    )
+    fit(_vae(digits), digits.train, epochs=2, run_dir=tmp_path, progress=False)
+    assert writes == ["metrics.jsonl"] * 3  # the whole file, atomically, at start and per epoch
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 3, "train_lo')  # a write killed half-way
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+    result = fit(
+        _vae(digits), digits.train, epochs=3, run_dir=tmp_path, resume=True, progress=False
+    )
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_read_metrics_refuses_a_broken_line_before_the_last(tmp_path):
+    assert read_metrics(tmp_path / "missing.jsonl") == []
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train_loss": 3.5}\n\n{"epoch": 2, "tr\n{"epoch": 3}\n')
+    with pytest.raises(PPVAEError, match=r"metrics\.jsonl line 3 is not a JSON record"):
+        read_metrics(path)
+    path.write_text('{"epoch": 1, "train_loss": 3.5}\n{"epoch": 2, "tr\n\n')
+    assert read_metrics(path) == [{"epoch": 1, "train_loss": 3.5}]
+
+
+def test_resume_without_new_epochs_is_refused(digits, tmp_path):
+    fit(_vae(digits), digits.train, epochs=2, run_dir=tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for epochs in (1, 2):
+        with pytest.raises(PPVAEError, match=r"already has 2 epochs.*larger epochs \(--epochs\)"):
+            fit(
+                _vae(digits),
+                digits.train,
+                epochs=epochs,
+                run_dir=tmp_path,
+                resume=True,
+                progress=False,
+            )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_fit_result_counts_the_epochs_of_this_call(digits, tmp_path):
+    first = fit(_vae(digits), digits.train, epochs=2, run_dir=tmp_path, progress=False)
+    assert (first.epochs_this_call, first.epochs_run, first.resumed_from_epoch) == (2, 2, 0)
+    resumed = fit(
+        _vae(digits), digits.train, epochs=3, run_dir=tmp_path, resume=True, progress=False
+    )
+    assert (resumed.epochs_this_call, resumed.epochs_run, resumed.resumed_from_epoch) == (1, 3, 2)
+
+
+def test_validate_every_step_checks_later_batches(digits):
+    x = digits.split("train")[0][:400].clone()
+    x[200:] = 0.5  # outside the Bernoulli support, but not in the first batch
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=100)
+    result = fit(_vae(digits), loader, epochs=1, progress=False)  # Pyro checks step 1 only
+    assert result.epochs_this_call == 1
+    with pytest.raises(ValueError, match="support"):
+        fit(_vae(digits), loader, epochs=1, progress=False, validate_every_step=True)

@@ -4,7 +4,7 @@ Each epoch: a seeded shuffle, SVI steps over mini-batches
 (:class:`~ppvae.inference.svi_step.SVIStep`: ``pyro.infer.SVI``'s update with one fused optimizer
 and no host sync per step on a GPU), the validation ELBO per data point
 (``ppvae.inference.elbo``), then an atomic checkpoint (model, optimizer, RNG states, epoch, config)
-and one line in ``metrics.jsonl``. Randomness that changes per epoch (shuffle, dynamic
+and an atomic rewrite of ``metrics.jsonl``. Randomness that changes per epoch (shuffle, dynamic
 binarisation) is derived from ``(seed, epoch)`` and the global RNG state is checkpointed, so
 ``resume=True`` continues exactly where the last completed epoch left off.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from ppvae.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from ppvae.data import DynamicBinarization, check_finite, check_unit_interval
 from ppvae.errors import ContractError, DivergenceError, PPVAEError
 from ppvae.inference.importance import elbo
 from ppvae.inference.svi_step import SVIStep
@@ -43,6 +45,8 @@ from ppvae.inference.svi_step import SVIStep
 LAST_CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
 METRICS_FILE = "metrics.jsonl"
+# Pyro's NaN/inf warnings: a divergence is reported once, as a DivergenceError
+_PYRO_NAN_WARNING = r"Encountered (NaN|[+-]inf)"
 
 
 @dataclass
@@ -55,6 +59,7 @@ class FitResult:
     validation_metric: str | None = None  # "val_elbo", or "val_loss" when no ELBO exists
     run_dir: Path | None = None
     resumed_from_epoch: int = 0
+    epochs_this_call: int = 0  # epochs trained by this call (after a resume: the new ones only)
 
     @property
     def best_val_elbo(self) -> float | None:
@@ -62,6 +67,7 @@ class FitResult:
 
     @property
     def epochs_run(self) -> int:
+        """Epochs in the run's history, including those before a resume."""
         return len(self.history)
 
 
@@ -122,11 +128,13 @@ class _Batches:
             return len(self.loader)
         return math.ceil(self.num_data / self.batch_size)
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def first(self, view: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first batch; ``view``: epoch 0's ``(x, y)`` when the caller already holds it."""
         if self.loader is not None:
             return _split_batch(next(iter(self.loader)), self.device)
-        x, y = self.epoch_fn(0)
-        return x[: self.batch_size].to(self.device), None if y is None else y[: self.batch_size]
+        x, y = self.epoch_fn(0) if view is None else view
+        y = None if y is None else y[: self.batch_size]
+        return _split_batch((x[: self.batch_size], y), self.device)
 
     def epoch(self, epoch: int):
         if self.loader is not None:
@@ -186,16 +194,42 @@ def validation_metrics(module, x, y, batch_size: int) -> dict[str, float]:
     return {"val_loss": total / x.shape[0]}
 
 
-def _read_history(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.exists():
+def read_metrics(path: str | Path) -> list[dict]:
+    """The per-epoch records in ``metrics.jsonl`` (the file, or the run directory that holds it).
+
+    A missing file gives ``[]``; a last line cut off by a killed write is skipped; an unreadable
+    line before it is a ``PPVAEError``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
         return []
-    history = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines[: last + 1]):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if record["epoch"] <= upto_epoch:
-                history.append(record)
-    return history
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i < last:
+            raise PPVAEError(
+                f"{path} line {i + 1} is not a JSON record; delete the line (or the file), retry"
+            )
+    return records
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+    return [record for record in read_metrics(path) if record["epoch"] <= upto_epoch]
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    atomic_write_text("".join(json.dumps(record) + "\n" for record in history), path)
 
 
 def fit(
@@ -217,6 +251,7 @@ def fit(
     lr_schedule: Callable[[int], float] | None = None,
     epoch_metrics: Callable[[nn.Module], dict] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    validate_every_step: bool = False,
 ) -> FitResult:
     """Train ``module.model`` / ``module.guide`` with SVI.
 
@@ -224,13 +259,22 @@ def fit(
     ``epoch(e) -> (x, y)`` method, such as ``ppvae.data.DynamicBinarization``, gets a fresh view
     per epoch) or a ``DataLoader``. ``validation``: a tensor or ``(x, y)`` pair for the
     per-epoch validation ELBO. With ``run_dir``, checkpoints and ``metrics.jsonl`` are written
-    there after every epoch; ``resume=True`` continues from ``run_dir/checkpoint.pt``.
+    there after every epoch; ``resume=True`` continues from ``run_dir/checkpoint.pt`` up to
+    ``epochs`` in total, which must exceed the checkpoint's epoch.
     ``optimizer`` defaults to ``pyro.optim.Adam({"lr": lr})`` (its constructor and arguments build
     one torch optimizer over the module's parameters); ``loss`` to ``Trace_ELBO()``.
     ``lr_schedule(epoch) -> lr`` (1-based epochs) sets the learning rate before each epoch.
     If ``loss`` has a ``set_epoch(epoch)`` method (KL warm-up, β schedules) it is called before
     every epoch (1-based). ``epoch_metrics(module) -> dict`` adds entries to each epoch's record.
+    ``validate_every_step``: run Pyro's argument and support checks on every SVI step, not only on
+    the first (slower; finds data that leave the likelihood's support in a later batch).
     The global Pyro param store is cleared first, so parameters of an earlier run cannot leak in.
+
+    Before anything is written, the data go through ``module.check_data`` (or a NaN/inf check):
+    every training point of a tensor or pair, epoch 0's view of an ``epoch(e)`` object (and the
+    tensor ``x`` it draws from), only the first batch of a ``DataLoader`` or other ``Dataset``;
+    and the validation inputs. A non-finite loss, parameters or validation ELBO raises a
+    ``DivergenceError`` that names the last good checkpoint; non-finite parameters are never saved.
     """
     if epochs < 0 or batch_size < 1:
         raise PPVAEError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
@@ -249,6 +293,11 @@ def fit(
     if resume:
         checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
         restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
+        if epochs <= checkpoint["epoch"]:
+            raise PPVAEError(
+                f"{run_dir} already has {checkpoint['epoch']} epochs, and epochs={epochs}; "
+                f"pass a larger epochs (--epochs) than {checkpoint['epoch']} to train more"
+            )
         module.to(device)
         set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
@@ -261,21 +310,17 @@ def fit(
     else:
         pyro.set_rng_seed(seed)
 
+    # everything that can fail on bad input happens before anything is written
     batches = _Batches(data, batch_size, device, seed)
-    check = getattr(module, "check_data", None)
-    if check is not None:
-        check(batches.first()[0])
-        if validation is not None:
-            check(_as_pair(validation)[0])
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            "".join(json.dumps(record) + "\n" for record in result.history), run_dir / METRICS_FILE
-        )
-
-    svi = SVIStep(module, loss, optimizer, batches.first())
+    first_batch = _check_data(module, data, batches, validation)
+    svi = SVIStep(module, loss, optimizer, first_batch, validate_every_step=validate_every_step)
+    del first_batch  # it may be a view of the whole of epoch 0
     if resume:
         svi.load_state_dict(checkpoint["optimizer"])
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_history(run_dir / METRICS_FILE, result.history)
+
     sync_every = 1 if device.type == "cpu" else 50  # .item() is free on a CPU, a sync on a GPU
     bar = tqdm(
         total=max(0, epochs - start_epoch + 1) * len(batches),
@@ -285,79 +330,147 @@ def fit(
         leave=False,
     )
     try:
-        for epoch in range(start_epoch, epochs + 1):
-            module.train()
-            if hasattr(loss, "set_epoch"):
-                loss.set_epoch(epoch)
-            if lr_schedule is not None:
-                svi.set_lr(lr_schedule(epoch))
-            bar.set_description(f"epoch {epoch}/{epochs}")
-            tic = time.perf_counter()
-            total_loss, steps = torch.zeros((), device=device, dtype=torch.float64), 0
-            for xb, yb in batches.epoch(epoch):
-                steps += 1
-                try:
-                    total_loss += svi.step(xb, yb)
-                except ValueError as error:
-                    # Pyro's argument validation is where NaN parameters usually surface
-                    if not _diverged(module, error):
-                        raise
-                    raise _divergence(epoch, steps, float("nan"), run_dir) from None
-                if steps % sync_every == 0 and not torch.isfinite(total_loss):
-                    raise _divergence(epoch, steps, float(total_loss), run_dir)
-                bar.update(1)
-            total_loss = float(total_loss)
-            if not math.isfinite(total_loss):
-                raise _divergence(epoch, steps, total_loss, run_dir)
-            module.eval()
-            record = {
-                "epoch": epoch,
-                "train_loss": total_loss / batches.num_data,
-                "seconds": time.perf_counter() - tic,
-            }
-            if validation is not None:
-                val_x, val_y = _as_pair(validation)
-                metrics = validation_metrics(module, val_x, val_y, batch_size=1000)
-                record.update(metrics)
-                ((metric, value),) = metrics.items()
-                score = value if metric == "val_elbo" else -value
-                result.validation_metric = metric
-                if result.best_validation is None or score > result.best_validation:
-                    result.best_validation, result.best_epoch = score, epoch
-            if epoch_metrics is not None:
-                record.update(epoch_metrics(module))
-            result.history.append(record)
-            bar.set_postfix(
-                {
-                    k: f"{v:.3f}"
-                    for k, v in record.items()
-                    if k in ("train_loss", "val_elbo", "val_loss")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_PYRO_NAN_WARNING, category=UserWarning)
+            for epoch in range(start_epoch, epochs + 1):
+                module.train()
+                if hasattr(loss, "set_epoch"):
+                    loss.set_epoch(epoch)
+                if lr_schedule is not None:
+                    svi.set_lr(lr_schedule(epoch))
+                bar.set_description(f"epoch {epoch}/{epochs}")
+                tic = time.perf_counter()
+                total_loss, steps = _train_epoch(svi, batches, epoch, bar, sync_every, run_dir)
+                if not _finite_state(module):
+                    raise _divergence(
+                        epoch, steps, "parameters became NaN/inf in the last step", run_dir
+                    )
+                module.eval()
+                record = {
+                    "epoch": epoch,
+                    "train_loss": total_loss / batches.num_data,
+                    "seconds": time.perf_counter() - tic,
                 }
-            )
-            if run_dir is not None:
-                # metrics first: resume truncates lines past the checkpoint's epoch
-                with open(run_dir / METRICS_FILE, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                _save_epoch(module, svi, run_dir, epoch, seed, config, result)
-            if on_epoch_end is not None:
-                on_epoch_end(record)
+                if validation is not None:
+                    metrics = _validate(module, validation, epoch, steps, run_dir)
+                    record.update(metrics)
+                    ((metric, value),) = metrics.items()
+                    score = value if metric == "val_elbo" else -value
+                    result.validation_metric = metric
+                    if result.best_validation is None or score > result.best_validation:
+                        result.best_validation, result.best_epoch = score, epoch
+                if epoch_metrics is not None:
+                    record.update(epoch_metrics(module))
+                result.history.append(record)
+                bar.set_postfix(
+                    {
+                        k: f"{v:.3f}"
+                        for k, v in record.items()
+                        if k in ("train_loss", "val_elbo", "val_loss")
+                    }
+                )
+                if run_dir is not None:
+                    # metrics first: resume drops records past the checkpoint's epoch
+                    _write_history(run_dir / METRICS_FILE, result.history)
+                    _save_epoch(module, svi, run_dir, epoch, seed, config, result)
+                result.epochs_this_call += 1
+                if on_epoch_end is not None:
+                    on_epoch_end(record)
     finally:
         bar.close()
     return result
 
 
+def check_training_data(module: nn.Module, data, validation=None) -> None:
+    """The data checks ``fit`` runs before it writes anything (see ``fit``), for callers that
+    write files of their own first; ``data`` and ``validation`` as for ``fit``."""
+    _check_data(module, data, _Batches(data, 1, torch.device("cpu"), seed=0), validation)
+
+
+def _check_data(module, data, batches: _Batches, validation) -> tuple:
+    """Check the training inputs that are cheap to reach (see ``fit``) and the validation inputs;
+    return the first training batch."""
+    module_check = getattr(module, "check_data", None)
+
+    def check(x: torch.Tensor, source: str) -> None:
+        if module_check is not None:
+            module_check(x)
+        else:
+            check_finite(x, source)
+
+    if batches.loader is not None:
+        first = batches.first()
+        check(first[0], "the training data")
+    else:
+        source = getattr(data, "x", None)
+        if hasattr(data, "epoch") and isinstance(source, torch.Tensor):
+            check_finite(source, "the training data")
+            if isinstance(data, DynamicBinarization):
+                check_unit_interval(source, "dynamic binarisation")
+        view = batches.epoch_fn(0)
+        check(view[0], "the training data")
+        first = batches.first(view)
+    if validation is not None:
+        check(_as_pair(validation)[0], "the validation data")
+    return first
+
+
+def _train_epoch(
+    svi: SVIStep, batches: _Batches, epoch: int, bar, sync_every: int, run_dir: Path | None
+) -> tuple[float, int]:
+    """One pass of SVI steps; returns the summed loss and the number of steps."""
+    total_loss = torch.zeros((), device=batches.device, dtype=torch.float64)
+    steps = 0
+    for xb, yb in batches.epoch(epoch):
+        steps += 1
+        try:
+            total_loss += svi.step(xb, yb)
+        except ValueError as error:
+            # Pyro's argument validation is where NaN parameters usually surface
+            if not _diverged(svi.module, error):
+                raise
+            raise _divergence(epoch, steps, "loss=nan", run_dir) from None
+        if steps % sync_every == 0 and not torch.isfinite(total_loss):
+            raise _divergence(epoch, steps, f"loss={float(total_loss)}", run_dir)
+        bar.update(1)
+    total = float(total_loss)
+    if not math.isfinite(total):
+        raise _divergence(epoch, steps, f"loss={total}", run_dir)
+    return total, steps
+
+
+def _validate(module, validation, epoch: int, step: int, run_dir: Path | None) -> dict:
+    """``validation_metrics``, with NaN turned into a ``DivergenceError``."""
+    val_x, val_y = _as_pair(validation)
+    try:
+        metrics = validation_metrics(module, val_x, val_y, batch_size=1000)
+    except ValueError as error:
+        if not _diverged(module, error):
+            raise
+        raise _divergence(epoch, step, "NaN in the validation pass", run_dir) from None
+    ((metric, value),) = metrics.items()
+    if math.isnan(value):
+        raise _divergence(epoch, step, f"{metric}=nan", run_dir)
+    return metrics
+
+
+def _finite_state(module: nn.Module) -> bool:
+    """Whether every floating parameter and buffer is finite (one host sync)."""
+    flags = [torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()]
+    return not flags or bool(torch.stack(flags).all())
+
+
 def _diverged(module: nn.Module, error: ValueError) -> bool:
     text = str(error).lower()
-    finite = all(torch.isfinite(p).all() for p in module.parameters())
-    return not finite or "nan" in text or "inf" in text
+    return not _finite_state(module) or "nan" in text or "inf" in text
 
 
-def _divergence(epoch: int, step: int, loss: float, run_dir: Path | None) -> DivergenceError:
+def _divergence(epoch: int, step: int, detail: str, run_dir: Path | None) -> DivergenceError:
     where = ""
     if run_dir is not None and (run_dir / LAST_CHECKPOINT).exists():
         where = f"; the last good checkpoint is {run_dir / LAST_CHECKPOINT}"
     return DivergenceError(
-        f"training diverged at epoch {epoch}, step {step} (loss={loss}){where}; "
+        f"training diverged at epoch {epoch}, step {step} ({detail}){where}; "
         "lower the learning rate (--lr) or check the data"
     )
 
