@@ -1,6 +1,7 @@
 """Posterior-collapse diagnostics against closed forms on linear-Gaussian models."""
 
 import json
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -11,7 +12,8 @@ from torch import nn
 from ppvae.errors import PPVAEError
 from ppvae.inference import fit
 from ppvae.inference.collapse import active_units, collapse_metrics, kl_per_dimension
-from ppvae.models import VAE, LinearGaussian
+from ppvae.models import HVAE, VAE, VQVAE, LinearGaussian
+from ppvae.nets import MIN_SCALE
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,6 +78,56 @@ def test_a_guide_that_does_not_factorise_is_one_group_per_site():
     # the mean still has one entry per dimension
     units = active_units(module, x, num_samples=1)
     torch.testing.assert_close(units.variances["z"], mean.var(dim=0), rtol=1e-5, atol=1e-7)
+
+
+def test_kl_per_dimension_is_monte_carlo_where_the_guide_draws_a_prior_parent_later():
+    # HVAE with linear z1 <-> z2 maps: q(z1|x) = N(m, s²), q(z2|z1) = N(a z1, t²), p(z2) = N(0, 1),
+    # p(z1|z2) = N(c/a · z2, 1). Under the guide z1 − c/a · z2 = (1 − c) z1 − (c t / a) ε, so
+    # E[log q(z1) − log p(z1|z2)] = −log s − 1/2 + ((1 − c)²(m² + s²) + (c t / a)²) / 2, while the
+    # closed form at z2 ~ q(z2|z1) (taken for every site before) is larger by c s².
+    a, c, t = 2.0, 0.9, 0.3
+    torch.manual_seed(0)
+    module = HVAE(12, latent_dim=3, latent_dim2=3, hidden=(16,), hidden2=())
+    raw_t, raw_one = (math.log(math.expm1(v - MIN_SCALE)) for v in (t, 1.0))
+    eye, zeros = torch.eye(3), torch.zeros(3)
+    with torch.no_grad():
+        module.encoder2[0].weight.copy_(torch.cat([a * eye, 0 * eye]))
+        module.encoder2[0].bias.copy_(torch.cat([zeros, torch.full((3,), raw_t)]))
+        module.decoder2[0].weight.copy_(torch.cat([c / a * eye, 0 * eye]))
+        module.decoder2[0].bias.copy_(torch.cat([zeros, torch.full((3,), raw_one)]))
+        x = torch.bernoulli(torch.rand(20, 12))
+        m, s = module.encode(x)
+    second_moment = m.square() + s.square()
+    expected_z1 = -s.log() - 0.5 + 0.5 * ((1 - c) ** 2 * second_moment + (c * t / a) ** 2)
+    expected_z2 = 0.5 * (a**2 * second_moment + t**2 - 1) - math.log(t)  # closed form, E over z1
+    kl = kl_per_dimension(module, x, num_samples=4000)
+    torch.testing.assert_close(kl["z1"], expected_z1, rtol=0.0, atol=0.05)
+    torch.testing.assert_close(kl["z2"].mean(0), expected_z2.mean(0), rtol=0.0, atol=0.03)
+    assert (c * s.square()).min() > 0.25  # the closed form for z1 would be off by this much
+    monte_carlo = kl_per_dimension(module, x, num_samples=4000, analytic=False)
+    torch.testing.assert_close(monte_carlo["z1"], kl["z1"], rtol=0.0, atol=1e-6)  # same draws
+    torch.testing.assert_close(monte_carlo["z2"].mean(0), expected_z2.mean(0), rtol=0, atol=0.05)
+
+
+def test_active_units_are_not_defined_for_discrete_codes_and_unchanged_for_a_vae():
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.rand(30, 16))
+    vqvae = VQVAE(16, latent_dim=3, num_positions=4, codebook_size=16, hidden=(32,)).eval()
+    units = active_units(vqvae, x)
+    assert units.variances == {} and units.excluded == {"code": "discrete support"}
+    assert units.num_active is None and units.num_units is None  # was 0: NaN means of one-hots
+    metrics = collapse_metrics(vqvae, x)
+    assert metrics["active_units"] is None and metrics["latent_units"] is None
+    assert metrics["kl"] == pytest.approx(4 * math.log(16), rel=1e-5)  # one-hot vs uniform
+    assert json.loads(json.dumps(units.to_dict()))["num_active"] is None
+
+    vae = VAE(16, 4, hidden=(8,))
+    with torch.no_grad():
+        expected = vae.encode(x)[0].var(dim=0)  # Var_x of the guide mean
+    units = active_units(vae, x)
+    torch.testing.assert_close(units.variances["z"], expected, rtol=1e-5, atol=1e-8)
+    assert units.excluded == {} and units.num_units == 4
+    assert units.num_active == int((expected > 0.01).sum())
 
 
 class TwoSites(nn.Module):

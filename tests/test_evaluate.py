@@ -13,16 +13,20 @@ must agree within 4 combined standard errors).
 
 import json
 import math
+import random
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
 from ppvae.errors import ContractError, PPVAEError
 from ppvae.inference.evaluate import EvaluationReport, evaluate
 from ppvae.inference.importance import iwae_bound
+from ppvae.models import VQVAE
 from ppvae.models.linear_gaussian import LinearGaussian
 from ppvae.plots.evaluation import plot_report
 
@@ -206,6 +210,34 @@ def test_same_seed_rerun_is_identical():
     assert not torch.equal(a.log_px_per_point, c.log_px_per_point)
 
 
+def test_evaluate_leaves_the_callers_rng_state_and_module_alone():
+    module = make_model(factor=0.8, dtype=torch.float32).train()
+    x = data(module, 9)
+    torch.manual_seed(123)  # a training loop's RNG, mid-run
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    a = run(module, x, num_samples=100, seed=3)
+    assert torch.equal(torch.get_rng_state(), states[0])  # was reseeded with `seed`
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert module.training and next(module.parameters()).device.type == "cpu"
+    torch.manual_seed(7)  # another caller state: same seed, same report
+    b = run(module, x, num_samples=100, seed=3)
+    assert torch.equal(a.log_px_per_point, b.log_px_per_point)
+
+
+@requires_cuda
+def test_evaluate_on_cuda_puts_the_module_back_and_leaves_the_cuda_rng_alone():
+    module = make_model(factor=0.8, dtype=torch.float32)
+    x = data(module, 9)
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    on_cuda = run(module, x, num_samples=100, seed=3, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert next(module.parameters()).device.type == "cpu"
+    on_cpu = run(module, x, num_samples=100, seed=3)
+    assert abs(on_cuda.log_px - on_cpu.log_px) < 4 * on_cpu.log_px_stderr
+
+
 def test_results_agree_across_batching_and_chunking_within_standard_errors():
     module = make_model(factor=1.2, dtype=torch.float32)
     x = data(module, 20)
@@ -380,7 +412,23 @@ def test_one_hot_discrete_guide_reports_only_the_elbo_as_such():
     assert (report.log_px_per_point < exact - 1e-6).all()  # a lower bound, not log p(x)
     assert report.point_mass_sites == ["z"] and "only that lower bound" in report.note
     assert report.khat_share_above is None and report.khat_per_point.isnan().all()
-    assert "log p(x) (a lower bound only)" in report.summary_table()
+    table = report.summary_table()
+    assert "every IWAE bound equals it" in table
+    rows = [line.split("  ")[0] for line in table.splitlines()]
+    assert not any(row.startswith(("log p(x)", "gap", "IWAE")) for row in rows)
+    assert report.active_units is None and report.kl is not None  # no continuous latent
+
+
+def test_vqvae_report_says_active_units_are_not_defined():
+    torch.manual_seed(0)
+    module = VQVAE(16, latent_dim=3, num_positions=4, codebook_size=16, hidden=(32,))
+    x = torch.bernoulli(torch.rand(12, 16))
+    report = run(module, x, num_samples=10)
+    assert report.active_units is None and report.latent_units is None  # was "0 of 4"
+    assert report.kl == pytest.approx(4 * math.log(16), rel=1e-5)  # one-hot vs uniform codes
+    rows = {line.split("  ")[0]: line for line in report.summary_table().splitlines()}
+    assert rows["active units"].endswith("  not defined (no continuous latent)")
+    assert json.loads(report.to_json())["active_units"] is None
 
 
 # --- plumbing with values -----------------------------------------------------------------------

@@ -6,17 +6,26 @@ For every latent site of the guide, with :math:`\\mu_d(x) = \\mathbb{E}_{q(z \\m
 
     A_d = \\operatorname{Var}_{x}\\big(\\mu_d(x)\\big) > \\text{threshold}
         \\;(10^{-2}\\text{ in [1]}), \\qquad
-    \\text{KL}_{nd} = \\mathrm{KL}\\big(q(z_d \\mid x_n) \\,\\|\\, p(z_d)\\big).
+    \\text{KL}_{nd} = \\mathbb{E}_{q}\\big[\\log q(z_d \\mid x_n, \\cdot)
+        - \\log p(z_d \\mid \\cdot)\\big].
 
 A unit whose posterior mean does not move with x carries no information about x (it has
-collapsed onto the prior); its KL is ~0. Both functions are generic over the guide's latent
-sites: the KL is analytic and per dimension when guide and prior factorise over the site's event
-(``Independent`` of a univariate family, e.g. ``Normal(...).to_event(1)``) and a closed form is
-registered for the pair (``torch.distributions.kl_divergence``); it is the Monte Carlo estimate
-:math:`\\log q(z) - \\log p(z)`, averaged over ``num_samples`` draws, otherwise. A site that does
-not factorise (a ``MultivariateNormal``) counts as one group (``G = 1``). Draws are made in a
-particle plate to the left of the ``"data"`` plate, so latents whose prior or guide depends on
-other latents (hierarchical models) are averaged over those too.
+collapsed onto the prior); its KL is ~0. Active units are defined for continuous latents only:
+sites with discrete support (or without a finite mean) are left out, and with no continuous
+latent the count is ``None``, not 0.
+
+The KL of site :math:`s` is the closed form :math:`\\mathrm{KL}(q(s \\mid \\cdot) \\,\\|\\,
+p(s \\mid \\cdot))` only where that is its expectation given the draws made before :math:`s`:
+every latent that precedes :math:`s` in the model precedes it in the guide too
+(:func:`closed_form_sites`), and ``torch.distributions.kl_divergence`` knows the pair. Otherwise
+it is the Monte Carlo estimate :math:`\\log q(z) - \\log p(z)`. In the HVAE, with
+:math:`q(z_1 \\mid x) q(z_2 \\mid z_1)` and :math:`p(z_2) p(z_1 \\mid z_2)`, :math:`z_2` is closed
+form and :math:`z_1` Monte Carlo: :math:`\\mathrm{KL}(q(z_1 \\mid x) \\,\\|\\, p(z_1 \\mid z_2))`
+at :math:`z_2 \\sim q(z_2 \\mid z_1)` is biased. :func:`kl_terms` holds this rule for these
+diagnostics and for ``ppvae.inference.objectives.KLWeighted_ELBO``. The KL is per dimension when
+guide and prior factorise over the site's event (``Independent`` of a univariate family), else
+one group per site (``G = 1``, e.g. a ``MultivariateNormal``). Diagnostics average over
+``num_samples`` draws in a particle plate to the left of the ``"data"`` plate.
 
 Shapes: ``N`` data points; ``G`` = number of elements of a site's event (times the elements of
 any plate nested inside ``"data"``), or 1 for a site that does not factorise.
@@ -26,6 +35,7 @@ any plate nested inside ``"data"``), or 1 for a site that does not factorise.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyro
@@ -80,7 +90,8 @@ def site_kl(guide_site, model_site, *, analytic: bool = True) -> tuple[torch.Ten
     just the batch shape (``event_ndim = 0``, one value for the whole site). Analytic when
     ``analytic`` and ``kl_divergence`` knows the pair; otherwise the one-sample Monte Carlo
     estimate ``log q(z) − log p(z)`` at the guide's sample ``z``. Site masks are applied; scale
-    factors are left to the caller.
+    factors are left to the caller. Whether the closed form is valid for the site is the caller's
+    question: use :func:`kl_terms`, which asks :func:`closed_form_sites`.
     """
     q, p, z = guide_site["fn"], model_site["fn"], guide_site["value"]
     q_base, p_base = _univariate_base(q), _univariate_base(p)
@@ -102,6 +113,36 @@ def site_kl(guide_site, model_site, *, analytic: bool = True) -> tuple[torch.Ten
     elif mask is False:
         kl = torch.zeros_like(kl)
     return kl, event_ndim
+
+
+def closed_form_sites(model_trace, guide_trace) -> set[str]:
+    """Latent sites whose closed-form KL is the expectation of ``log q − log p`` given the draws
+    before them: every latent that precedes the site in the model trace also precedes it in the
+    guide trace, so the parents of its prior are fixed when the guide draws it (a sufficient rule,
+    read off the traces' order; not a necessary one)."""
+    guide_position = {name: i for i, (name, _) in enumerate(latent_sites(guide_trace))}
+    closed, preceding = set(), []
+    for name, _ in latent_sites(model_trace):
+        position = guide_position.get(name)
+        if position is not None and all(
+            guide_position.get(parent, position) < position for parent in preceding
+        ):
+            closed.add(name)
+        preceding.append(name)
+    return closed
+
+
+def kl_terms(
+    model_trace, guide_trace, *, analytic: bool = True
+) -> Iterator[tuple[str, dict, torch.Tensor, int]]:
+    """``(name, guide site, kl, event_ndim)`` for every latent site of the guide (see
+    :func:`site_kl`): closed form where ``analytic`` and :func:`closed_form_sites` allow it,
+    Monte Carlo otherwise. The one implementation of this choice, for objectives and
+    diagnostics."""
+    closed = closed_form_sites(model_trace, guide_trace) if analytic else set()
+    for name, guide_site in latent_sites(guide_trace):
+        kl, event_ndim = site_kl(guide_site, model_trace.nodes[name], analytic=name in closed)
+        yield name, guide_site, kl, event_ndim
 
 
 def points_by_dimension(
@@ -187,7 +228,9 @@ def kl_per_dimension(
     """KL(q(z|x_n) || p(z)) per latent site and dimension: ``{site: Tensor[N, G]}``.
 
     Averaged over ``num_samples`` guide draws (exact for a mean-field Gaussian guide with a fixed
-    prior, where one draw would do). Runs without gradients and without advancing the global RNG.
+    prior, where one draw would do); closed form or Monte Carlo per site as :func:`kl_terms`
+    decides (``analytic=False``: Monte Carlo everywhere). Runs without gradients and without
+    advancing the global RNG.
     """
     parts: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad(), _rng_fork(x):
@@ -201,7 +244,9 @@ def kl_per_dimension(
                         f"guide site {name!r} is a point mass: KL(q || p) does not exist for a "
                         "deterministic encoder"
                     )
-                kl, event_ndim = site_kl(guide_site, model_trace.nodes[name], analytic=analytic)
+            for name, guide_site, kl, event_ndim in kl_terms(
+                model_trace, guide_trace, analytic=analytic
+            ):
                 per_point = points_by_dimension(
                     kl, event_ndim, data_dim(guide_site, data_plate), xb.shape[0], particle_dim
                 )
@@ -211,10 +256,16 @@ def kl_per_dimension(
 
 @dataclass
 class ActiveUnits:
-    """Var_x(E_q[z_d]) per latent site and dimension (``{site: Tensor[G]}``) and the threshold."""
+    """Var_x(E_q[z_d]) per continuous latent site and dimension (``{site: Tensor[G]}``), the
+    threshold, and the sites left out (``{site: reason}``: discrete support, no finite mean).
+
+    ``num_active`` / ``num_units`` are None when no continuous latent exists: active units are
+    not defined there.
+    """
 
     variances: dict[str, torch.Tensor] = field(default_factory=dict)
     threshold: float = ACTIVE_UNIT_THRESHOLD
+    excluded: dict[str, str] = field(default_factory=dict)
 
     @property
     def active(self) -> dict[str, torch.Tensor]:
@@ -222,11 +273,15 @@ class ActiveUnits:
         return {name: v > self.threshold for name, v in self.variances.items()}
 
     @property
-    def num_active(self) -> int:
+    def num_active(self) -> int | None:
+        if not self.variances:
+            return None
         return int(sum(int(a.sum()) for a in self.active.values()))
 
     @property
-    def num_units(self) -> int:
+    def num_units(self) -> int | None:
+        if not self.variances:
+            return None
         return int(sum(v.numel() for v in self.variances.values()))
 
     def to_dict(self) -> dict:
@@ -235,7 +290,15 @@ class ActiveUnits:
             "num_active": self.num_active,
             "num_units": self.num_units,
             "variances": {name: v.tolist() for name, v in self.variances.items()},
+            "excluded": dict(self.excluded),
         }
+
+
+def _is_discrete(fn) -> bool:
+    try:
+        return bool(fn.support.is_discrete)
+    except NotImplementedError:
+        return False
 
 
 def active_units(
@@ -248,26 +311,37 @@ def active_units(
     batch_size: int | None = None,
     data_plate: str = "data",
 ) -> ActiveUnits:
-    """Active units [1]: ``Var_x(E_q[z_d | x]) > threshold`` for every latent dimension.
+    """Active units [1]: ``Var_x(E_q[z_d | x]) > threshold`` for every continuous latent
+    dimension.
 
     ``E_q[z | x]`` is the guide distribution's analytic mean where it has one (the sample
     otherwise), averaged over ``num_samples`` draws of the sites it depends on; the variance over
-    the N data points uses the unbiased (N − 1) normaliser, like ``numpy.cov``.
+    the N data points uses the unbiased (N − 1) normaliser, like ``numpy.cov``. Sites with
+    discrete support or a non-finite mean are left out (``ActiveUnits.excluded``).
     """
     if x.shape[0] < 2:
         raise PPVAEError("active units need at least 2 data points (a variance over x)")
     means: dict[str, list[torch.Tensor]] = {}
+    excluded: dict[str, str] = {}
     with torch.no_grad(), _rng_fork(x):
         for xb, yb in _batches(module, x, y, num_samples, batch_size):
             guide_trace, _, particle_dim = _diagnostic_traces(
                 module, xb, yb, num_samples, run_model=False
             )
             for name, site in latent_sites(guide_trace):
+                if name in excluded:
+                    continue
+                if _is_discrete(site["fn"]):
+                    excluded[name] = "discrete support"
+                    continue
                 value = site["value"]
                 try:
                     mean = site["fn"].mean.expand(value.shape)
                 except (NotImplementedError, RuntimeError):
                     mean = value
+                if not torch.isfinite(mean).all():
+                    excluded[name] = "no finite mean"
+                    continue
                 per_point = points_by_dimension(
                     mean,
                     len(site["fn"].event_shape),
@@ -276,8 +350,10 @@ def active_units(
                     particle_dim,
                 )
                 means.setdefault(name, []).append(per_point.mean(dim=0))  # [N_batch, G]
-    variances = {name: torch.cat(m, dim=0).var(dim=0) for name, m in means.items()}
-    return ActiveUnits(variances=variances, threshold=threshold)
+    variances = {
+        name: torch.cat(m, dim=0).var(dim=0) for name, m in means.items() if name not in excluded
+    }
+    return ActiveUnits(variances=variances, threshold=threshold, excluded=excluded)
 
 
 def collapse_metrics(
@@ -293,7 +369,8 @@ def collapse_metrics(
     """JSON-ready summary for ``fit(epoch_metrics=...)`` and reports.
 
     ``{"active_units": int, "latent_units": int, "kl": mean over points of the total KL,
-    "kl_per_dim": {site: [mean over points of KL_d, ...]}}``.
+    "kl_per_dim": {site: [mean over points of KL_d, ...]}}``; the two unit counts are None when
+    the guide has no continuous latent (active units are not defined for discrete codes).
     """
     units = active_units(
         module,

@@ -37,12 +37,13 @@ import json
 import math
 import unicodedata
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import Delta, Unit
@@ -80,6 +81,8 @@ ONE_HOT_NOTE = (
     "and PSIS k̂ is not estimated"
 )
 
+ACTIVE_UNITS_UNDEFINED = "not defined (no continuous latent)"
+
 _PER_POINT = (
     "elbo_per_point",
     "elbo_stderr_per_point",
@@ -103,7 +106,9 @@ class EvaluationReport:
     to rounding (a perfect guide) and NaN when ``num_samples`` is too small for PSIS or the guide
     is one-hot. ``point_mass_sites`` names guide sites with all their mass on one value: a
     continuous one (Delta) leaves no bound (``likelihood_available`` False, ``num_samples`` 0); a
-    discrete one-hot site leaves only the ELBO (``note`` says so).
+    discrete one-hot site leaves only the ELBO (``note`` says so). ``active_units`` /
+    ``latent_units`` count continuous latents only: None (and "not defined" in the table) for a
+    guide without one, such as a VQ-VAE's codes.
     """
 
     num_points: int
@@ -126,7 +131,7 @@ class EvaluationReport:
     reconstruction_bce: float | None = None
     reconstruction_note: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
-    active_units: int | None = None  # Burda et al.: Var_x(E_q[z_d]) > 0.01
+    active_units: int | None = None  # Burda et al.: Var_x(E_q[z_d]) > 0.01, continuous z only
     latent_units: int | None = None
     kl: float | None = None  # mean over points of KL(q(z|x) || p(z))
     kl_per_dim: dict[str, list[float]] = field(default_factory=dict)
@@ -184,6 +189,15 @@ class EvaluationReport:
         rows = [("points", f"{self.num_points}")]
         if not self.likelihood_available:
             rows.append(("likelihood bound", "none"))
+        elif self.point_mass_sites:
+            sites = ", ".join(repr(name) for name in self.point_mass_sites)
+            rows.append(
+                (
+                    "ELBO",
+                    f"{self.elbo:.3f} (every IWAE bound equals it: the guide is one-hot on "
+                    f"{sites}; no log p(x) estimate or gap)",
+                )
+            )
         else:
             rows.append(("importance samples K", f"{self.num_samples}"))
             rows.append(("ELBO", f"{self.elbo:.3f}"))
@@ -192,7 +206,7 @@ class EvaluationReport:
                     rows.append((f"IWAE bound, k={k}", f"{bound:.3f}"))
             rows.append(
                 (
-                    "log p(x) (a lower bound only)" if self.point_mass_sites else "log p(x)",
+                    "log p(x)",
                     f"{self.log_px:.3f} ± {self.log_px_stderr:.3f} (s.e. of the mean; "
                     f"{self.mean_log_px_stderr:.3f} per point on average)",
                 )
@@ -214,8 +228,15 @@ class EvaluationReport:
             rows.append(
                 (f"reconstruction BCE ({self.reconstruction_site})", _fmt(self.reconstruction_bce))
             )
-        if self.active_units is not None:
-            rows.append(("active units", f"{self.active_units} of {self.latent_units}"))
+        if self.kl is not None:
+            rows.append(
+                (
+                    "active units",
+                    ACTIVE_UNITS_UNDEFINED
+                    if self.active_units is None
+                    else f"{self.active_units} of {self.latent_units}",
+                )
+            )
             rows.append(("KL(q(z|x) || p(z))", f"{self.kl:.3f} nats"))
         rows += [(name, _fmt(value)) for name, value in self.extra.items()]
         width = max(_display_width(name) for name, _ in rows)
@@ -392,13 +413,45 @@ def _normalise_ladder(ladder, num_samples: int) -> list[int]:
     return sorted({k for k in ks if k <= num_samples} | {num_samples})
 
 
-def _module_device(module, device: torch.device) -> torch.device:
+def _tensor_device(module) -> torch.device | None:
+    """The device of the module's first parameter (or buffer); None for a module without any."""
+    if not isinstance(module, nn.Module):
+        return None
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return None if tensor is None else tensor.device
+
+
+@contextmanager
+def _on_device(module, device: torch.device) -> Iterator[torch.device]:
+    """``module`` moved to ``device`` (in eval mode) for the block, then back where it was."""
+    original = _tensor_device(module)
+    was_training = module.training if isinstance(module, nn.Module) else False
     if isinstance(module, nn.Module):
         module.to(device)
-        parameter = next(iter(module.parameters()), None)
-        if parameter is not None:
-            return parameter.device
-    return device
+    try:
+        if was_training:
+            module.eval()
+        yield _tensor_device(module) or device
+    finally:
+        if was_training:
+            module.train()
+        if original is not None:
+            module.to(original)
+
+
+@contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's CPU RNG (and ``device``'s, if CUDA) seeded with ``seed`` for the block, the
+    caller's RNG states restored after it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def evaluate(
@@ -418,13 +471,15 @@ def evaluate(
     """ELBO, the IWAE ladder, log p(x) ± s.e., gap, PSIS k̂ and ESS per data point.
 
     ``module``: any object with ``model(x, y)`` and ``guide(x, y)`` (DESIGN §1); an ``nn.Module``
-    is moved to ``device`` and put in eval mode for the call. ``data``: a tensor ``[N, ...]`` or a
-    pair ``(x, y)``. Each point's K = ``num_samples`` log-weights are drawn once, ``batch_size``
-    points at a time and ``chunk_size`` particles at a time (peak memory is set by these, not by
-    K); every rung of ``ladder`` (entries above K are dropped; K itself is added) is read off them.
-    The global RNG is seeded with ``seed``, so a rerun with the same arguments is identical.
-    A module method ``evaluation_metrics(x, y) -> dict`` is called on the whole split and its
-    numbers stored in ``report.extra``.
+    is moved to ``device`` and put in eval mode for the call, then moved back to its device and
+    mode. ``data``: a tensor ``[N, ...]`` or a pair ``(x, y)``. Each point's K = ``num_samples``
+    log-weights are drawn once, ``batch_size`` points at a time and ``chunk_size`` particles at a
+    time (peak memory is set by these, not by K); every rung of ``ladder`` (entries above K are
+    dropped; K itself is added) is read off them. Draws come from torch's RNG seeded with ``seed``
+    inside a fork: a rerun with the same arguments is identical, and the caller's RNG state (a
+    training loop's) is the same after the call as before it. A module method
+    ``evaluation_metrics(x, y) -> dict`` is called on the whole split and its numbers stored in
+    ``report.extra``.
     """
     if not (callable(getattr(module, "model", None)) and callable(getattr(module, "guide", None))):
         raise PPVAEError("module must have model(x, y) and guide(x, y) methods (DESIGN §1)")
@@ -434,15 +489,6 @@ def evaluate(
         )
     x, y = _split_data(data, y)
     ks = _normalise_ladder(ladder, num_samples)
-    device = _module_device(module, resolve_device(device))
-    check = getattr(module, "check_data", None)
-    if check is not None:
-        check(x)
-    was_training = module.training if isinstance(module, nn.Module) else None
-    if was_training:
-        module.eval()
-    pyro.set_rng_seed(seed)
-
     parts: dict[str, list[torch.Tensor]] = {}
     ladder_parts: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     likelihood_available, site_name, point_mass, one_hot = True, None, [], []
@@ -451,10 +497,18 @@ def evaluate(
         if value is not None:
             parts.setdefault(name, []).append(value.detach().to("cpu", torch.float64))
 
-    bar = tqdm(total=x.shape[0], disable=not progress, unit="pt", leave=False, dynamic_ncols=True)
-    bar.set_description(f"evaluate (K={num_samples})")
-    try:
-        with torch.no_grad():
+    with (
+        _on_device(module, resolve_device(device)) as device,
+        _seeded_rng(seed, device),
+        torch.no_grad(),
+    ):
+        check = getattr(module, "check_data", None)
+        if check is not None:
+            check(x)
+        with tqdm(
+            total=x.shape[0], disable=not progress, unit="pt", leave=False, dynamic_ncols=True
+        ) as bar:
+            bar.set_description(f"evaluate (K={num_samples})")
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size].to(device)
                 yb = None if y is None else y[start : start + batch_size].to(device)
@@ -477,12 +531,8 @@ def evaluate(
                     )  # [K, B]
                     _keep_bounds(keep, ladder_parts, log_w, ks)
                 bar.update(xb.shape[0])
-            extra = _extra_metrics(module, x, y, device)
-            collapse = _collapse_metrics(module, x, y, device) if likelihood_available else {}
-    finally:
-        bar.close()
-        if was_training:
-            module.train()
+        extra = _extra_metrics(module, x, y, device)
+        collapse = _collapse_metrics(module, x, y, device) if likelihood_available else {}
 
     per_point = {name: torch.cat(values) for name, values in parts.items()}
     report = EvaluationReport(

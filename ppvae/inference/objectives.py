@@ -43,10 +43,16 @@ points with latent dimensions (groups) d,
     R = B \\sum_d \\max\\Big(λ, \\frac{1}{B} \\sum_n \\mathrm{KL}_{nd}\\Big)
         \\;\\text{(free bits λ)},
 
-where :math:`\\mathrm{KL}_{nd}` is per latent dimension (analytic or Monte Carlo, averaged over
-particles; see :func:`ppvae.inference.collapse.site_kl`), :math:`e` the 1-based epoch set by
-``set_epoch`` (``fit`` calls it). With β = 1, no warm-up and no free bits this is ``Trace_ELBO``
-(Monte Carlo KL) or ``TraceMeanField_ELBO`` (analytic KL), value and gradient.
+where :math:`\\mathrm{KL}_{nd}` is per latent dimension, averaged over particles, and :math:`e`
+the 1-based epoch set by ``set_epoch`` (``fit`` calls it). With ``analytic_kl`` a site's KL is
+the closed form :math:`\\mathrm{KL}(q(z \\mid \\cdot) \\,\\|\\, p(z \\mid \\cdot))` only where every
+latent that precedes it in the model also precedes it in the guide (its prior's parents are
+drawn first), else :math:`\\log q(z) - \\log p(z)` (:func:`ppvae.inference.collapse.kl_terms`):
+unbiased for any guide order. ``TraceMeanField_ELBO`` takes the closed form for every site, which
+is biased when :math:`p(z_1 \\mid z_2)` meets a guide that draws :math:`z_2 \\sim q(z_2 \\mid z_1)`
+after :math:`z_1` (the HVAE). With β = 1, no warm-up and no free bits this is ``Trace_ELBO``
+(Monte Carlo KL; ``analytic_kl=False``) in value and gradient, and ``TraceMeanField_ELBO`` where
+every site passes the rule (mean-field guides).
 
 [1] Importance Weighted Autoencoders, Burda, Grosse, Salakhutdinov (2015).
 [2] Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives, Tucker, Lawson, Gu,
@@ -64,7 +70,7 @@ from collections.abc import Callable
 
 import pyro.poutine as poutine
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import _PYRO_STACK
@@ -73,7 +79,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, warn_if_nan
 
 from ppvae.errors import PPVAEError
-from ppvae.inference.collapse import data_dim, latent_sites, points_by_dimension, site_kl
+from ppvae.inference.collapse import data_dim, kl_terms, latent_sites, points_by_dimension
 from ppvae.inference.importance import (
     PARTICLE_PLATE,
     log_mean_exp,
@@ -111,8 +117,8 @@ def _check_reparameterised(trace, objective: str) -> None:
         if not site["fn"].has_rsample:
             raise PPVAEError(
                 f"guide site {name!r} ({type(site['fn']).__name__}) has no reparameterised "
-                f"sampler, which {objective} needs; use Trace_ELBO or TraceGraph_ELBO "
-                "(score-function gradients) for this guide"
+                f"sampler, which {objective} needs; train this guide with the ELBO "
+                "(--objective elbo; Trace_ELBO uses score-function gradients for such sites)"
             )
 
 
@@ -347,8 +353,9 @@ class KLWeighted_ELBO(ELBO):
     :param free_bits: λ >= 0 nats per latent dimension [6]; each dimension contributes
         ``B * max(λ, mean_n KL_nd)`` (mean over the B points of the mini-batch and the particles).
         0 turns it off (the plain sum, so a negative Monte Carlo KL estimate is not clipped).
-    :param analytic_kl: closed-form KL where ``kl_divergence`` knows the pair (like
-        ``TraceMeanField_ELBO``), else the Monte Carlo estimate log q(z) − log p(z).
+    :param analytic_kl: closed-form KL for each site where ``kl_divergence`` knows the pair and
+        the guide draws the parents of the site's prior before the site, else the Monte Carlo
+        estimate log q(z) − log p(z); False: Monte Carlo for every site.
     :param data_plate: name of the plate over data points.
     """
 
@@ -408,10 +415,9 @@ class KLWeighted_ELBO(ELBO):
             for site in model_trace.nodes.values():
                 if site["type"] == "sample" and site["is_observed"]:
                     reconstruction = reconstruction + site["log_prob_sum"] / self.num_particles
-            for name, guide_site in latent_sites(guide_trace):
-                kl, event_ndim = site_kl(
-                    guide_site, model_trace.nodes[name], analytic=self.analytic_kl
-                )
+            for name, guide_site, kl, event_ndim in kl_terms(
+                model_trace, guide_trace, analytic=self.analytic_kl
+            ):
                 kl = kl * (guide_site["scale"] / scale)  # weights other than the batch scale
                 kl = points_by_dimension(
                     kl, event_ndim, data_dim(guide_site, self.data_plate), x.shape[0]
@@ -453,10 +459,14 @@ def make_objective(
     free_bits: float = 0.0,
 ) -> ELBO:
     """The objective behind ``--objective``: ``elbo`` (``Trace_ELBO``), ``mean-field``
-    (``TraceMeanField_ELBO``, analytic KL), ``iwae`` and ``iwae-dreg`` (:class:`IWAE_ELBO`).
+    (:class:`KLWeighted_ELBO` with analytic KL, β = 1), ``iwae`` and ``iwae-dreg``
+    (:class:`IWAE_ELBO`).
 
-    ``beta`` / ``kl_warmup`` / ``free_bits`` turn ``elbo`` and ``mean-field`` into a
-    :class:`KLWeighted_ELBO` (Monte Carlo or analytic KL); the IWAE bound has no KL term, so they
+    ``mean-field`` is not Pyro's ``TraceMeanField_ELBO``: that takes the closed-form KL of every
+    site and is biased on hierarchical guides (HVAE); ours takes it only where it is the
+    expectation (see :class:`KLWeighted_ELBO`) and equals ``TraceMeanField_ELBO`` on mean-field
+    guides. ``beta`` / ``kl_warmup`` / ``free_bits`` turn ``elbo`` into a :class:`KLWeighted_ELBO`
+    with Monte Carlo KL and set those of ``mean-field``; the IWAE bound has no KL term, so they
     are refused with it, as is an IWAE with fewer than two particles (that is the ELBO).
     """
     if name not in OBJECTIVES:
@@ -478,14 +488,12 @@ def make_objective(
             )
         estimator = "dreg" if name == "iwae-dreg" else "reparam"
         return IWAE_ELBO(num_particles, estimator=estimator)
-    if weighted:
-        return KLWeighted_ELBO(
-            num_particles,
-            beta=beta,
-            kl_warmup=kl_warmup,
-            free_bits=free_bits,
-            analytic_kl=name == "mean-field",
-        )
-    if name == "mean-field":
-        return TraceMeanField_ELBO(num_particles=num_particles)
-    return Trace_ELBO(num_particles=num_particles)
+    if name == "elbo" and not weighted:
+        return Trace_ELBO(num_particles=num_particles)
+    return KLWeighted_ELBO(
+        num_particles,
+        beta=beta,
+        kl_warmup=kl_warmup,
+        free_bits=free_bits,
+        analytic_kl=name == "mean-field",
+    )

@@ -4,7 +4,7 @@
 optimizer *per parameter* (``pyro.optim.PyroOptim``) and converts the loss to a Python float. On a
 784-200-200-50 VAE at batch 20 those per-parameter optimizers are about a third of the step and the
 float conversion is a host sync per step on a GPU. :class:`SVIStep` does the same update with
-``loss.differentiable_loss`` (every Pyro ``ELBO`` of ppvae and Pyro's ``Trace_ELBO`` /
+``loss.differentiable_loss`` (ppvae's objectives and Pyro's ``Trace_ELBO`` /
 ``TraceMeanField_ELBO`` / ``TraceEnum_ELBO`` have it; others fall back to ``loss_and_grads``),
 one torch optimizer over all parameters (fused Adam where torch has it) built from the same
 ``PyroOptim`` description, and a loss kept on the device.

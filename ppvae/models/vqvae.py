@@ -37,8 +37,11 @@ and the codebook-loss factor is dropped. With ``dead_code_restart = n > 0`` (def
 it off), a code that no training batch has used for ``n`` consecutive steps is moved onto a
 randomly chosen encoder output of the current batch [2]; on digits this lifts codebook usage from
 about a third to over 90%. Both updates run in the guide, outside autograd, only when the module
-is in training mode with gradients enabled; they draw from torch's global RNG, so a seeded
-``fit`` reproduces them exactly.
+is in training mode with gradients enabled, once per training step: a guide call whose encoder
+outputs equal those of the last update (the further particles of one step, or its particle
+chunks) does not update again, so "steps unused" counts steps, not particles. (Steps that see
+the same batch with an unchanged encoder are counted once.) They draw from torch's global RNG, so
+a seeded ``fit`` reproduces them exactly.
 
 [1] Neural Discrete Representation Learning, van den Oord, Vinyals, Kavukcuoglu (2017).
 [2] Jukebox: A Generative Model for Music, Dhariwal et al. (2020), section 3.2 (code restarts).
@@ -136,6 +139,7 @@ class VQVAE(nn.Module):
         else:
             self.codebook = nn.Parameter(codebook)
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
+        self._last_update_input: torch.Tensor | None = None  # z_e of the last update
 
     # the Pyro program ---------------------------------------------------------------------
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
@@ -159,7 +163,7 @@ class VQVAE(nn.Module):
         with pyro.plate("data", x.shape[0]):
             z_e = self.encoder_output(x)
             nearest = self.quantize(z_e)  # [N, P]
-            if self.training and torch.is_grad_enabled():
+            if self.training and torch.is_grad_enabled() and self._new_step(z_e):
                 self.update_codebook(z_e.detach(), nearest)
             point_mass = torch.full(
                 (*nearest.shape, self.codebook_size), -math.inf, dtype=x.dtype, device=x.device
@@ -180,6 +184,22 @@ class VQVAE(nn.Module):
             + (self.codebook * self.codebook).sum(-1)
         )  # [..., P, K]
         return distances.argmin(dim=-1)
+
+    @torch.no_grad()
+    def _new_step(self, z_e: torch.Tensor) -> bool:
+        """False when ``z_e`` equals the encoder output of the last update (same batch, same
+        encoder: another particle of the same step); else remember it and return True."""
+        last = self._last_update_input
+        if (
+            last is not None
+            and last.shape == z_e.shape
+            and last.device == z_e.device
+            and last.dtype == z_e.dtype
+            and torch.equal(last, z_e)
+        ):
+            return False
+        self._last_update_input = z_e.detach()
+        return True
 
     @torch.no_grad()
     def update_codebook(self, z_e: torch.Tensor, nearest: torch.Tensor) -> None:
