@@ -1,8 +1,8 @@
 """The ``ppvae`` command line: ``train``, ``evaluate``, ``sample``, ``plot`` (DESIGN §5).
 
-Errors in the user's input print one line and exit with code 2; a run directory holds
-``config.json``, ``checkpoint.pt`` (+ ``checkpoint-best.pt``), ``metrics.jsonl``, ``report.json``
-and PNG figures.
+Errors in the user's input print one line and exit with code 2, before anything is written; a run
+directory holds ``config.json``, ``checkpoint.pt`` (+ ``checkpoint-best.pt``), ``metrics.jsonl``,
+``report.json`` and PNG figures.
 """
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ppvae.errors import PPVAEError
 
 RESUME_OVERRIDABLE = {"epochs", "device", "progress", "eval_samples", "resume", "run_dir"}
 DATA_KEYS = ("dataset", "data_dir", "binarize", "val_fraction", "test_fraction", "limit", "seed")
+SAMPLE_SUFFIXES = (".png", ".npy")
+IWAE_OBJECTIVES = ("iwae", "iwae-dreg")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,18 +32,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _checked(convert: Callable[[str], float], accept: Callable[[float], bool], wanted: str):
+    """An argparse ``type`` that converts with ``convert`` and refuses values ``accept`` rejects
+    (NaN fails every comparison, so it is refused too)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_count = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+_positive_float = _checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+_nonnegative_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_fraction = _checked(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+_decay = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _model_default(key: str) -> str:
+    """``(default: 8 for ae, cvae, vae; 16 for vqvae ...)`` from the models' constructors."""
+    from ppvae.models import MODELS
+
+    by_value: dict[str, list[str]] = {}
+    for name, cls in sorted(MODELS.items()):
+        parameter = inspect.signature(cls).parameters.get(key)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        value = parameter.default
+        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        by_value.setdefault(text, []).append(name)
+    return "(default: " + "; ".join(f"{v} for {', '.join(n)}" for v, n in by_value.items()) + ")"
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +78,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         default="digits",
         help="digits (scikit-learn's bundled 8x8 digits, no files needed), mnist, fashion-mnist, "
-        "or a path to a .npy/.npz/.csv array [N, features] or [N, (C,) H, W] (default: digits)",
+        "or a path to a .npy/.npz/.csv array [N, features] or [N, (C,) H, W] "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--data-dir",
@@ -57,123 +87,159 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         help="root holding MNIST/raw or FashionMNIST/raw (default: $PPVAE_DATA, else ./data)",
     )
     group.add_argument(
-        "--download", action="store_true", help="download MNIST / Fashion-MNIST if missing (online)"
+        "--download",
+        action="store_true",
+        help="download MNIST / Fashion-MNIST if missing (online; default: off)",
     )
     group.add_argument(
         "--binarize",
         choices=("dynamic", "static", "none"),
         default="dynamic",
         help="dynamic: new Bernoulli draw of the training set every epoch; static: one seeded "
-        "draw; none: grey values (default: dynamic)",
+        "draw; none: grey values (default: %(default)s)",
     )
     group.add_argument(
-        "--val-fraction", type=_fraction, default=0.1, help="validation share of train (0.1)"
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        help="validation share of the training split (default: %(default)s)",
     )
     group.add_argument(
         "--test-fraction",
         type=_fraction,
         default=0.2,
-        help="test share for sources without a test split: digits, arrays (0.2)",
+        help="test share for sources without a test split: digits, arrays (default: %(default)s)",
     )
     group.add_argument(
-        "--limit", type=_positive_int, default=None, help="use only the first N training points"
+        "--limit",
+        type=_positive_int,
+        default=None,
+        help="use only the first N training points (default: all)",
     )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from ppvae.models import MODELS
+    from ppvae.models.likelihoods import LIKELIHOODS
+    from ppvae.nets import ACTIVATIONS
 
     group = parser.add_argument_group(
         "model (options a model's constructor does not take are refused)"
     )
-    group.add_argument("--model", choices=sorted(MODELS), default="vae", help="(default: vae)")
-    group.add_argument("--latent-dim", type=_positive_int, default=None, help="latent size")
     group.add_argument(
-        "--hidden", type=_positive_int, nargs="+", default=None, help="hidden layer sizes"
+        "--model",
+        choices=sorted(MODELS),
+        default="vae",
+        help="model to train (default: %(default)s)",
     )
-    group.add_argument("--activation", default=None, help="relu, tanh, elu, softplus, gelu, ...")
-    group.add_argument(
-        "--likelihood",
-        choices=("bernoulli", "continuous-bernoulli", "gaussian"),
-        default=None,
-        help="observation model (default: bernoulli)",
-    )
-    group.add_argument("--net", choices=("mlp", "conv"), default=None, help="network kind (mlp)")
-    group.add_argument("--codebook-size", type=_positive_int, default=None, help="VQ-VAE codes")
-    group.add_argument(
-        "--commitment-beta", type=float, default=None, help="VQ-VAE commitment weight"
-    )
-    group.add_argument("--ema-decay", type=float, default=None, help="VQ-VAE EMA decay (0: off)")
-    group.add_argument(
-        "--num-positions", type=_positive_int, default=None, help="VQ-VAE codes per data point"
-    )
-    group.add_argument(
-        "--dead-code-restart",
-        type=int,
-        default=None,
-        help="VQ-VAE: restart a code unused for this many steps (0: never)",
-    )
-    group.add_argument(
-        "--latent-dim2", type=_positive_int, default=None, help="HVAE: size of the top latent z2"
-    )
-    group.add_argument(
-        "--hidden2",
-        type=_positive_int,
-        nargs="+",
-        default=None,
-        help="HVAE: hidden sizes between z1 and z2",
-    )
+    options: dict[str, tuple[dict, str]] = {
+        "latent_dim": ({"type": _positive_int}, "latent size; VQ-VAE: size of each code vector"),
+        "hidden": ({"type": _positive_int, "nargs": "+"}, "hidden layer sizes"),
+        "activation": ({"choices": sorted(ACTIVATIONS)}, "nonlinearity of the networks"),
+        "likelihood": ({"choices": LIKELIHOODS}, "observation model p(x|z)"),
+        "net": ({"choices": ("mlp", "conv")}, "network kind, conv for images only"),
+        "codebook_size": ({"type": _positive_int}, "VQ-VAE: number of codes"),
+        "commitment_beta": ({"type": _nonnegative_float}, "VQ-VAE: commitment weight"),
+        "ema_decay": (
+            {"type": _decay},
+            "VQ-VAE: EMA decay of the codebook, 0 for gradient updates",
+        ),
+        "num_positions": ({"type": _positive_int}, "VQ-VAE: codes per data point"),
+        "dead_code_restart": (
+            {"type": _count},
+            "VQ-VAE: restart a code unused for this many steps, 0 for never",
+        ),
+        "latent_dim2": ({"type": _positive_int}, "HVAE: size of the top latent z2"),
+        "hidden2": ({"type": _positive_int, "nargs": "+"}, "HVAE: hidden sizes between z1 and z2"),
+    }
+    for key in MODEL_KEYS:
+        kwargs, text = options[key]
+        group.add_argument(
+            "--" + key.replace("_", "-"),
+            default=None,
+            help=f"{text} {_model_default(key)}",
+            **kwargs,
+        )
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=50, help="total epochs (default: 50)")
-    group.add_argument("--batch-size", type=_positive_int, default=100, help="(default: 100)")
-    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    group.add_argument(
+        "--epochs", type=_positive_int, default=50, help="total epochs (default: %(default)s)"
+    )
+    group.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=100,
+        help="data points per SVI step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)"
+    )
     group.add_argument(
         "--objective",
         choices=("elbo", "mean-field", "iwae", "iwae-dreg"),
         default="elbo",
-        help="elbo: Trace_ELBO; mean-field: analytic KL (TraceMeanField_ELBO); iwae: the "
-        "importance-weighted bound with --num-particles K; iwae-dreg: the same bound with "
-        "doubly-reparameterised guide gradients (default: elbo)",
+        help="elbo: Trace_ELBO (Monte Carlo KL); mean-field: the ELBO with closed-form KL terms "
+        "where they are exact; iwae: the importance-weighted bound with --num-particles K; "
+        "iwae-dreg: the same bound with doubly-reparameterised guide gradients "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--num-particles",
         type=_positive_int,
         default=1,
-        help="particles per data point for the objective (K of the IWAE bound; default: 1)",
+        help="particles per data point for the objective (K of the IWAE bound, at least 2 "
+        "there; default: %(default)s)",
     )
     group.add_argument(
-        "--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE; default: 1)"
+        "--beta",
+        type=_nonnegative_float,
+        default=1.0,
+        help="weight of the KL term (beta-VAE; elbo and mean-field only; default: %(default)s)",
     )
     group.add_argument(
         "--kl-warmup",
-        type=int,
+        type=_count,
         default=0,
-        help="raise the KL weight linearly to --beta over this many epochs (default: 0, off)",
+        help="raise the KL weight linearly to --beta over this many epochs "
+        "(default: %(default)s, off)",
     )
     group.add_argument(
         "--free-bits",
-        type=float,
+        type=_nonnegative_float,
         default=0.0,
-        help="floor on the batch-mean KL per latent dimension, in nats (default: 0, off)",
+        help="floor on the batch-mean KL per latent dimension, in nats (default: %(default)s, off)",
     )
     group.add_argument(
         "--eval-samples",
         type=_positive_int,
         default=1000,
-        help="importance samples for the final test log p(x) (default: 1000)",
+        help="importance samples for the final test log p(x) (default: %(default)s)",
     )
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)"
+        "--device",
+        default="auto",
+        help="auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (default: shown on a terminal)",
+    )
+
+
+def _add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="best validation epoch or last epoch (default: %(default)s)",
     )
 
 
@@ -205,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --run-dir from its last checkpoint, with its saved options "
-        "(--epochs, --device may change)",
+        "(--epochs, --device, --eval-samples may change; default: off)",
     )
 
     evaluate = commands.add_parser(
@@ -216,15 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("run", help="run directory written by 'ppvae train'")
     evaluate.add_argument(
-        "--num-samples", type=_positive_int, default=5000, help="importance samples K (5000)"
+        "--num-samples",
+        type=_positive_int,
+        default=5000,
+        help="importance samples K (default: %(default)s)",
     )
     evaluate.add_argument(
-        "--split", choices=("train", "val", "test"), default="test", help="(default: test)"
+        "--split",
+        choices=("train", "val", "test"),
+        default="test",
+        help="data split to evaluate (default: %(default)s)",
     )
-    evaluate.add_argument("--batch-size", type=_positive_int, default=100, help="data per batch")
     evaluate.add_argument(
-        "--checkpoint", choices=("best", "last"), default="best", help="(default: best)"
+        "--batch-size",
+        type=_positive_int,
+        default=100,
+        help="data points per batch (default: %(default)s)",
     )
+    _add_checkpoint_option(evaluate)
     _add_common_options(evaluate)
 
     sample = commands.add_parser(
@@ -233,12 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode draws from the prior and save them as an image grid (or .npy).",
     )
     sample.add_argument("run", help="run directory written by 'ppvae train'")
-    sample.add_argument("--num", type=_positive_int, default=64, help="number of samples (64)")
-    sample.add_argument("--label", type=int, default=None, help="class to generate (CVAE)")
-    sample.add_argument("--out", default=None, help="output .png or .npy (default: RUN/samples)")
     sample.add_argument(
-        "--checkpoint", choices=("best", "last"), default="best", help="(default: best)"
+        "--num", type=_positive_int, default=64, help="number of samples (default: %(default)s)"
     )
+    sample.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="class to generate, for a conditional model (cvae) (default: none)",
+    )
+    sample.add_argument(
+        "--out",
+        default=None,
+        help=f"output file, one of {', '.join(SAMPLE_SUFFIXES)}; missing folders are created "
+        "(default: RUN/samples.png, or RUN/samples_labelL.png with --label)",
+    )
+    _add_checkpoint_option(sample)
     _add_common_options(sample)
 
     plot = commands.add_parser(
@@ -248,9 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a decoded manifold grid.",
     )
     plot.add_argument("run", help="run directory written by 'ppvae train'")
-    plot.add_argument(
-        "--checkpoint", choices=("best", "last"), default="best", help="(default: best)"
-    )
+    _add_checkpoint_option(plot)
     _add_common_options(plot)
     return parser
 
@@ -328,24 +411,28 @@ def _load_data(config: dict):
     )
 
 
-def load_run(run: str | Path, checkpoint: str = "best", device: str = "auto"):
-    """(config, data, module) of a run directory, the module restored from its checkpoint."""
+def _restore(run: Path, config: dict, data, checkpoint: str, device: str):
+    """The run's model with the weights of its ``best`` (else last) or ``last`` checkpoint."""
     from ppvae.checkpoint import load_checkpoint, restore_module
     from ppvae.inference.train import BEST_CHECKPOINT, LAST_CHECKPOINT, resolve_device
 
+    module = build_model(config["model"], data, config)
+    path = run / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
+    if checkpoint == "best" and not path.exists():
+        path = run / LAST_CHECKPOINT
+    restore_module(module, load_checkpoint(path), source=str(path))
+    return module.to(resolve_device(device)).eval()
+
+
+def load_run(run: str | Path, checkpoint: str = "best", device: str = "auto"):
+    """(config, data, module) of a run directory, the module restored from its checkpoint."""
     run = Path(run)
     config_path = run / "config.json"
     if not config_path.is_file():
         raise PPVAEError(f"{run} is not a ppvae run directory (no config.json); pass one")
     config = json.loads(config_path.read_text())
     data = _load_data(config)
-    module = build_model(config["model"], data, config)
-    path = run / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
-    if checkpoint == "best" and not path.exists():
-        path = run / LAST_CHECKPOINT
-    restore_module(module, load_checkpoint(path), source=str(path))
-    module.to(resolve_device(device)).eval()
-    return config, data, module
+    return config, data, _restore(run, config, data, checkpoint, device)
 
 
 def _figures(module, data, run_dir: Path, history: list[dict] | None) -> list[Path]:
@@ -427,13 +514,8 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
         print(f"  {key.ljust(width)}  {value}")
 
 
-def cmd_train(args, explicit: set[str]) -> int:
-    import torch
-
-    from ppvae.checkpoint import atomic_write_json
-    from ppvae.inference.objectives import make_objective
-    from ppvae.inference.train import fit, resolve_device
-
+def _train_config(args, explicit: set[str]) -> tuple[dict, Path]:
+    """The run's configuration and directory: the saved one with ``--resume``, else the options."""
     if args.resume:
         if args.run_dir is None:
             raise PPVAEError("--resume needs --run-dir pointing at the run to continue")
@@ -448,47 +530,114 @@ def cmd_train(args, explicit: set[str]) -> int:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise PPVAEError(
                 f"{flags} differ from the run being resumed; resume uses its saved options "
-                "(only --epochs and --device may change) — start a new --run-dir instead"
+                "(only --epochs, --device and --eval-samples may change) — start a new --run-dir "
+                "instead"
             )
         config = {**saved, **{k: getattr(args, k) for k in explicit & {"epochs", "eval_samples"}}}
-        run_dir = Path(args.run_dir)
+        return config, Path(args.run_dir)
+    config = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "progress")}
+    if config["data_dir"] is not None:
+        config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
+    if args.run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = Path(args.dataset).stem if args.dataset not in ("digits",) else args.dataset
+        run_dir = Path("runs") / f"{args.model}-{name}-{stamp}"
     else:
-        config = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "progress")}
-        if config["data_dir"] is not None:
-            config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
-        if args.run_dir is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            name = Path(args.dataset).stem if args.dataset not in ("digits",) else args.dataset
-            run_dir = Path("runs") / f"{args.model}-{name}-{stamp}"
-        else:
-            run_dir = Path(args.run_dir)
-        if (run_dir / "checkpoint.pt").exists():
-            raise PPVAEError(
-                f"{run_dir} already holds a run; add --resume to continue it, "
-                "or pick a new --run-dir"
-            )
-        config["run_dir"] = str(run_dir)
-    if config["epochs"] < 1:
-        raise PPVAEError("--epochs must be at least 1")
-    device = resolve_device(args.device)
+        run_dir = Path(args.run_dir)
+    if (run_dir / "checkpoint.pt").exists():
+        raise PPVAEError(
+            f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PPVAEError(f"--run-dir {run_dir} is a file; pick a directory")
+    config["run_dir"] = str(run_dir)
+    return config, run_dir
 
+
+def _make_objective(config: dict):
+    from ppvae.inference.objectives import make_objective
+
+    return make_objective(
+        config.get("objective", "elbo"),
+        num_particles=config.get("num_particles", 1),
+        beta=config.get("beta", 1.0),
+        kl_warmup=config.get("kl_warmup", 0),
+        free_bits=config.get("free_bits", 0.0),
+    )
+
+
+def _kl_reweighted(config: dict) -> bool:
+    return (
+        config.get("beta", 1.0) != 1.0
+        or config.get("kl_warmup", 0) != 0
+        or config.get("free_bits", 0.0) != 0.0
+    )
+
+
+def _describe_objective(config: dict) -> str:
+    text = f"--objective {config.get('objective', 'elbo')}"
+    return text + (" and --beta/--kl-warmup/--free-bits" if _kl_reweighted(config) else "")
+
+
+def _preflight(module, objective, data, config: dict) -> bool:
+    """Check every split with the model's ``check_data`` and evaluate the objective once on a few
+    validation points, so that bad data or a model the objective cannot train fail before the
+    run directory is written. Returns whether the model has training-only auxiliary losses."""
+    import pyro
+    import pyro.poutine as poutine
+    import torch
+
+    from ppvae.contract import AUXILIARY_LOSS
+
+    check = getattr(module, "check_data", None)
+    if check is not None:
+        for split in ("train", "val", "test"):
+            check(data.split(split)[0])
+    x, y = data.split("val")
+    x, y = x[:8], None if y is None else y[:8]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            try:
+                objective.loss(module.model, module.guide, x, y)
+            except PPVAEError as error:
+                what = f"--model {config['model']} with {_describe_objective(config)}"
+                raise PPVAEError(f"{what} cannot be trained: {error}") from None
+            guide_trace = poutine.trace(module.guide).get_trace(x, y)
+            model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace))
+            model_trace = model_trace.get_trace(x, y)
+    finally:
+        module.train(was_training)
+        pyro.clear_param_store()
+    return any(
+        site["infer"].get(AUXILIARY_LOSS)
+        for site in model_trace.nodes.values()
+        if site["type"] == "sample"
+    )
+
+
+def cmd_train(args, explicit: set[str]) -> int:
+    import torch
+
+    from ppvae.checkpoint import atomic_write_json
+    from ppvae.inference.train import fit, resolve_device
+
+    config, run_dir = _train_config(args, explicit)
+    device = resolve_device(args.device)
     # everything that can fail on bad input happens before anything is written
     data = _load_data(config)
     torch.manual_seed(config["seed"])
     module = build_model(config["model"], data, config, explicit)
-    if hasattr(module, "check_data"):
-        module.check_data(data.split("val")[0])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    objective = _make_objective(config)
+    auxiliary = _preflight(module, objective, data, config)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PPVAEError(f"cannot create --run-dir {run_dir}: {error.strerror}") from None
     if not args.resume:
         atomic_write_json(config, run_dir / "config.json")
 
-    objective = make_objective(
-        config["objective"],
-        num_particles=config["num_particles"],
-        beta=config["beta"],
-        kl_warmup=config["kl_warmup"],
-        free_bits=config["free_bits"],
-    )
     val_x, val_y = data.split("val")
     print(f"ppvae: {data.summary()}")
     print(f"ppvae: {type(module).__name__} on {device}, run directory {run_dir}")
@@ -502,7 +651,9 @@ def cmd_train(args, explicit: set[str]) -> int:
         batch_size=config["batch_size"],
         device=device,
         validation=(val_x, val_y),
-        epoch_metrics=_collapse_logger(val_x[:1000], None if val_y is None else val_y[:1000]),
+        epoch_metrics=_epoch_metrics(
+            objective, val_x[:1000], None if val_y is None else val_y[:1000]
+        ),
         run_dir=run_dir,
         resume=args.resume,
         seed=config["seed"],
@@ -511,17 +662,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     )
     train_seconds = time.perf_counter() - tic
 
-    _, _, best = load_run(run_dir, "best", str(device))
-    written = [run_dir / "checkpoint.pt", run_dir / "checkpoint-best.pt", run_dir / "metrics.jsonl"]
-    rows = [
-        (
-            "epochs",
-            f"{result.epochs_run} run now, {config['epochs']} in total "
-            f"({train_seconds:.1f} s; best validation epoch {result.best_epoch})",
-        ),
-        ("train loss", f"{result.history[-1]['train_loss']:.3f} nats/point (last epoch)"),
-        _validation_row(result),
-    ]
+    best = _restore(run_dir, config, data, "best", str(device))
     report, report_files = _evaluate_and_report(
         best,
         data,
@@ -533,32 +674,75 @@ def cmd_train(args, explicit: set[str]) -> int:
         progress=args.progress,
         seed=config["seed"],
     )
+    written = [run_dir / "checkpoint.pt", run_dir / "checkpoint-best.pt", run_dir / "metrics.jsonl"]
     written += report_files
-    rows += report_rows(report)
     written += _figures(best, data, run_dir, result.history)
-    print(f"ppvae: done — test split of {data.name}, best checkpoint:")
-    _print_table(rows + [("wrote", ", ".join(p.name for p in written)), ("in", str(run_dir))])
+    rows = [
+        _epochs_row(result, train_seconds),
+        _train_row(config, result, report, auxiliary),
+        _validation_row(result),
+        *report_rows(report),
+        ("wrote", ", ".join(p.name for p in written)),
+        ("in", str(run_dir)),
+    ]
+    print(f"ppvae: done (test rows: the best checkpoint on the test split of {data.name})")
+    _print_table(rows)
     return 0
 
 
-def _collapse_logger(x, y):
-    """Active units and KL per latent dimension on validation data, for ``metrics.jsonl``;
-    silent for models where they do not exist (point-mass or discrete codes)."""
+def _epoch_metrics(objective, x, y) -> Callable:
+    """Per-epoch extras for ``metrics.jsonl``: the objective's KL weight where it has one, and
+    the KL per latent dimension and active units on validation data (none for point-mass guides;
+    active units are ``null`` for discrete codes, where they are not defined)."""
     from ppvae.inference.collapse import collapse_metrics
 
-    state = {"enabled": True}
+    state = {"collapse": True}
 
     def metrics(module) -> dict:
-        if not state["enabled"]:
-            return {}
-        device = next(module.parameters()).device
-        try:
-            return collapse_metrics(module, x.to(device), None if y is None else y.to(device))
-        except PPVAEError:
-            state["enabled"] = False
-            return {}
+        record = {}
+        if hasattr(objective, "kl_weight"):
+            record["kl_weight"] = float(objective.kl_weight)
+        if state["collapse"]:
+            device = next(module.parameters()).device
+            try:
+                record.update(
+                    collapse_metrics(module, x.to(device), None if y is None else y.to(device))
+                )
+            except PPVAEError:
+                state["collapse"] = False
+        return record
 
     return metrics
+
+
+def _epochs_row(result, seconds: float) -> tuple[str, str]:
+    now = result.epochs_this_call
+    resumed = (
+        f" after resuming at epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""
+    )
+    return (
+        "epochs",
+        f"{now} trained now{resumed}, {len(result.history)} in total ({seconds:.1f} s; "
+        f"best validation epoch {result.best_epoch})",
+    )
+
+
+def _train_row(config: dict, result, report, auxiliary: bool) -> tuple[str, str]:
+    """The last epoch's training objective, named for what it is."""
+    loss = result.history[-1]["train_loss"]
+    if result.validation_metric == "val_loss" or not report.likelihood_available:
+        return ("train loss", f"{loss:.3f} nats/point (last epoch; no ELBO exists for this model)")
+    objective = config.get("objective", "elbo")
+    if auxiliary:
+        name, what = "train objective", "the ELBO less the model's auxiliary training losses"
+    elif objective in IWAE_OBJECTIVES:
+        name, what = f"train IWAE bound (K={config['num_particles']})", None
+    elif _kl_reweighted(config):
+        name, what = "train weighted ELBO", "KL term weighted by --beta/--kl-warmup/--free-bits"
+    else:
+        name, what = "train ELBO", None
+    detail = "−train loss per point, last epoch" + (f"; {what}" if what else "")
+    return (name, f"{-loss:.3f} ({detail})")
 
 
 def _validation_row(result) -> tuple[str, str]:
@@ -568,16 +752,33 @@ def _validation_row(result) -> tuple[str, str]:
 
 
 def report_rows(report) -> list[tuple[str, str]]:
+    """Rows for an ``EvaluationReport``: log p(x) and the gap only where they are estimates."""
     if not report.likelihood_available:
-        rows = [("likelihood", report.note), ("recon MSE", f"{report.reconstruction_mse:.4f}")]
-        if report.reconstruction_bce is not None:
-            rows.append(("recon BCE", f"{report.reconstruction_bce:.3f} nats/point"))
+        rows = [("likelihood", report.note)]
+    elif report.point_mass_sites:
+        sites = ", ".join(repr(name) for name in report.point_mass_sites)
+        rows = [
+            (
+                "test ELBO",
+                f"{report.elbo:.3f} (every IWAE bound equals it: the guide is one-hot on {sites}; "
+                "no log p(x) estimate or gap)",
+            )
+        ]
+    else:
+        rows = [
+            ("test ELBO", f"{report.elbo:.3f}"),
+            ("test log p(x)", f"{report.log_px:.3f} (K={report.num_samples})"),
+            ("ELBO gap", f"{report.gap:.3f} nats"),
+        ]
+        if report.active_units is not None:
+            rows.append(("active units", f"{report.active_units} of {report.latent_units}"))
         return rows
-    return [
-        ("test ELBO", f"{report.elbo:.3f}"),
-        ("test log p(x)", f"{report.log_px:.3f} (K={report.num_samples})"),
-        ("ELBO gap", f"{report.gap:.3f} nats"),
-    ]
+    if report.reconstruction_mse is not None:
+        rows.append(("recon MSE", f"{report.reconstruction_mse:.4f}"))
+    if report.reconstruction_bce is not None:
+        rows.append(("recon BCE", f"{report.reconstruction_bce:.3f} nats/point"))
+    rows += [(name.replace("_", " "), f"{value:.4g}") for name, value in report.extra.items()]
+    return rows
 
 
 def cmd_evaluate(args) -> int:
@@ -598,15 +799,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _sample_path(args) -> Path:
+    if args.out is None:
+        suffix = "" if args.label is None else f"_label{args.label}"
+        return Path(args.run) / f"samples{suffix}.png"
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise PPVAEError(f"--out {args.out} is a directory; name a file in it")
+    if out.suffix.lower() not in SAMPLE_SUFFIXES:
+        kind = f"{out.suffix} files" if out.suffix else "a file without a suffix"
+        raise PPVAEError(
+            f"--out {args.out}: cannot write {kind}; use one of {', '.join(SAMPLE_SUFFIXES)}"
+        )
+    return out
+
+
 def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
     from ppvae.plots.samples import save_image_grid
 
+    out = _sample_path(args)
     config, data, module = load_run(args.run, args.checkpoint, args.device)
-    torch.manual_seed(args.seed)
-    device = next(module.parameters()).device
     if args.label is not None:
         if not is_conditional(module):
             raise PPVAEError(
@@ -614,33 +829,33 @@ def cmd_sample(args) -> int:
             )
         if not 0 <= args.label < data.num_classes:
             raise PPVAEError(f"--label must be in 0..{data.num_classes - 1}, got {args.label}")
+    if out.suffix.lower() != ".npy" and data.image_shape is None:
+        raise PPVAEError("these data are not images; pass --out FILE.npy to save the samples")
+    torch.manual_seed(args.seed)
+    device = next(module.parameters()).device
+    labels = None
+    if args.label is not None:
         labels = torch.full((args.num,), args.label, dtype=torch.long, device=device)
-    else:
-        labels = None
     with torch.no_grad():
         samples = module.sample_prior(args.num, labels).cpu()
-    suffix = "" if args.label is None else f"_label{args.label}"
-    out = Path(args.out) if args.out else Path(args.run) / f"samples{suffix}.png"
-    if out.suffix == ".npy":
-        np.save(out, samples.numpy())
-    elif data.image_shape is None:
-        raise PPVAEError("these data are not images; pass --out FILE.npy to save the samples")
-    else:
-        save_image_grid(samples, data.image_shape, out, title=f"{args.num} samples{suffix}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".npy":
+            np.save(out, samples.numpy())
+        else:
+            title = f"{args.num} samples" + ("" if args.label is None else f", label {args.label}")
+            save_image_grid(samples, data.image_shape, out, title=title)
+    except OSError as error:
+        raise PPVAEError(f"cannot write --out {out}: {error.strerror or error}") from None
     print(f"ppvae: wrote {out}")
     return 0
 
 
 def cmd_plot(args) -> int:
-    from ppvae.inference.train import METRICS_FILE
+    from ppvae.inference.train import read_metrics
 
     _, data, module = load_run(args.run, args.checkpoint, args.device)
-    metrics = Path(args.run) / METRICS_FILE
-    history = (
-        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if (metrics.exists())
-        else None
-    )
+    history = read_metrics(Path(args.run)) or None
     written = _figures(module, data, Path(args.run), history)
     print("ppvae: wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -16,6 +16,7 @@ Binarisation (DESIGN §4):
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def check_finite(x: np.ndarray | torch.Tensor, source: str) -> None:
 
 
 def check_unit_interval(x: torch.Tensor, purpose: str) -> None:
+    check_finite(x, f"the data for {purpose}")
     low, high = float(x.min()), float(x.max())
     if low < 0.0 or high > 1.0:
         raise PPVAEError(
@@ -177,6 +179,22 @@ def _flatten_inputs(array: np.ndarray, source: str) -> tuple[torch.Tensor, tuple
     return x.reshape(x.shape[0], -1), image_shape
 
 
+def _read_csv(path: Path) -> np.ndarray:
+    """Rows of comma-separated numbers, after an optional header line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # numpy's "input contained no data"
+        try:
+            array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        except ValueError:
+            array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=1)
+    if array.size == 0:
+        raise PPVAEError(
+            f"{path} holds no data rows; expected one data point per line of comma-separated "
+            "numbers (after an optional header line)"
+        )
+    return array
+
+
 def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise PPVAEError(f"data file {path} does not exist; check the path")
@@ -195,10 +213,7 @@ def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 f"{path} holds arrays {keys}; name the inputs 'x' (and optional labels 'y')"
             )
         if suffix == ".csv":
-            try:
-                return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2), None
-            except ValueError:
-                return np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=1), None
+            return _read_csv(path), None
     except PPVAEError:
         raise
     except (ValueError, OSError) as error:

@@ -1,7 +1,11 @@
+import os
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from conftest import mnist_root, requires_mnist
+from conftest import REPO, mnist_root, requires_mnist
 
 from ppvae.data import DynamicBinarization, load_data
 from ppvae.errors import PPVAEError
@@ -91,6 +95,49 @@ def test_missing_files_and_unknown_names(tmp_path):
         load_data("cifar")
     with pytest.raises(PPVAEError, match="--data-dir"):
         load_data("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "f0,f1,f2\n", "\n\n"])
+def test_csv_without_data_rows_is_a_one_line_error(tmp_path, text):
+    (tmp_path / "empty.csv").write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "input contained no data" must not leak out
+        with pytest.raises(PPVAEError, match="holds no data rows") as info:
+            load_data(str(tmp_path / "empty.csv"), binarize="none")
+    assert "\n" not in str(info.value)
+
+
+def fashion_mnist_root() -> Path | None:
+    """Fashion-MNIST's data root from $PPVAE_DATA, or the shared folder beside the checkout."""
+    for candidate in (os.environ.get("PPVAE_DATA"), REPO.parent / "shared" / "data"):
+        raw = Path(candidate or "") / "FashionMNIST" / "raw"
+        if candidate and (raw / "t10k-images-idx3-ubyte").exists():
+            return Path(candidate)
+    return None
+
+
+def test_missing_fashion_mnist_names_data_dir(tmp_path):
+    with pytest.raises(PPVAEError, match="fashion-mnist not found") as info:
+        load_data("fashion-mnist", data_dir=tmp_path)
+    message = str(info.value)
+    assert "--data-dir" in message and "FashionMNIST/raw" in message and "\n" not in message
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(
+    fashion_mnist_root() is None,
+    reason="Fashion-MNIST idx files not found under $PPVAE_DATA/FashionMNIST/raw "
+    "(set PPVAE_DATA to a data root that holds them)",
+)
+def test_fashion_mnist_loads_offline_from_ppvae_data(monkeypatch):
+    monkeypatch.setenv("PPVAE_DATA", str(fashion_mnist_root()))
+    data = load_data("fashion-mnist", binarize="static", val_fraction=0.1, seed=0)
+    assert data.name == "fashion-mnist" and data.image_shape == (1, 28, 28)
+    assert (len(data.train_x), len(data.val_x), len(data.test_x)) == (54000, 6000, 10000)
+    assert data.num_classes == 10
+    assert set(torch.unique(data.test_x).tolist()) == {0.0, 1.0}
+    # Fashion-MNIST's mean intensity is about 0.286; a binarised draw keeps it
+    assert abs(float(data.test_x.mean()) - 0.286) < 0.01
 
 
 @requires_mnist

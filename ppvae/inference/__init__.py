@@ -11,7 +11,13 @@ from ppvae.inference.importance import (
     log_weights,
 )
 from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO, make_objective
-from ppvae.inference.train import FitResult, fit, resolve_device
+from ppvae.inference.train import (
+    FitResult,
+    check_training_data,
+    fit,
+    read_metrics,
+    resolve_device,
+)
 
 __all__ = [
     "IWAE_ELBO",
@@ -19,6 +25,7 @@ __all__ = [
     "FitResult",
     "KLWeighted_ELBO",
     "active_units",
+    "check_training_data",
     "collapse_metrics",
     "effective_sample_size",
     "elbo",
@@ -30,5 +37,6 @@ __all__ = [
     "log_marginal_stderr",
     "log_weights",
     "make_objective",
+    "read_metrics",
     "resolve_device",
 ]
