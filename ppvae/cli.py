@@ -598,7 +598,7 @@ def _preflight(module, objective, data, config: dict) -> bool:
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the module is on the CPU here
             try:
                 objective.loss(module.model, module.guide, x, y)
             except PPVAEError as error:
@@ -756,14 +756,7 @@ def report_rows(report) -> list[tuple[str, str]]:
     if not report.likelihood_available:
         rows = [("likelihood", report.note)]
     elif report.point_mass_sites:
-        sites = ", ".join(repr(name) for name in report.point_mass_sites)
-        rows = [
-            (
-                "test ELBO",
-                f"{report.elbo:.3f} (every IWAE bound equals it: the guide is one-hot on {sites}; "
-                "no log p(x) estimate or gap)",
-            )
-        ]
+        rows = [("test ELBO", f"{report.elbo:.3f} ({report.one_hot_note})")]
     else:
         rows = [
             ("test ELBO", f"{report.elbo:.3f}"),
@@ -841,7 +834,8 @@ def cmd_sample(args) -> int:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix.lower() == ".npy":
-            np.save(out, samples.numpy())
+            with open(out, "wb") as handle:  # np.save(path) would append ".npy" to ".NPY"
+                np.save(handle, samples.numpy())
         else:
             title = f"{args.num} samples" + ("" if args.label is None else f", label {args.label}")
             save_image_grid(samples, data.image_shape, out, title=title)

@@ -44,7 +44,7 @@ class ModuleParameters(Messenger):
 
     def _pyro_param(self, msg) -> None:
         value = self.params.get(msg["name"])
-        if value is not None:
+        if value is not None and not msg["done"]:  # an inner handler (replay) may have answered
             msg["value"] = value
             msg["done"] = True
 

@@ -5,9 +5,14 @@ import subprocess
 import sys
 import time
 
+import pyro
+import pyro.distributions as dist
+import pyro.optim
 import pytest
 import torch
 from conftest import REPO, requires_cuda
+from pyro.nn import PyroModule, PyroParam, pyro_method
+from torch.distributions import constraints
 
 import ppvae.inference.train as train
 from ppvae.checkpoint import load_checkpoint, restore_module
@@ -260,33 +265,80 @@ class _PlainPyroVAE(torch.nn.Module):
             pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw)).to_event(1))
 
 
-@pytest.mark.parametrize("kind", ["zoo", "plain-pyro-module"])
-def test_svi_step_reproduces_pyro_svi(digits, kind):
-    """ppvae's training step (fused optimizer, param-store shortcut, Pyro's checks on the first
-    step only) performs the same updates as ``pyro.infer.SVI`` with ``Trace_ELBO``."""
-    import pyro
-    import pyro.optim
-    from pyro.infer import SVI, Trace_ELBO
+class _PyroModuleVAE(PyroModule):
+    """A user's ``PyroModule`` with a constrained (positive) and an unconstrained ``PyroParam``."""
 
+    def __init__(self, input_dim, latent_dim=3):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = PyroModule[torch.nn.Linear](input_dim, latent_dim)
+        self.decoder = PyroModule[torch.nn.Linear](latent_dim, input_dim)
+        self.guide_scale = PyroParam(
+            torch.full((latent_dim,), 0.5), constraint=constraints.positive
+        )
+        self.guide_shift = PyroParam(torch.zeros(latent_dim))
+
+    def model(self, x, y=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    @pyro_method
+    def guide(self, x, y=None):
+        with pyro.plate("data", x.shape[0]):
+            loc = self.encoder(x) + self.guide_shift
+            pyro.sample("z", dist.Normal(loc, self.guide_scale).to_event(1))
+
+
+def _svi_case(digits, kind):
+    torch.manual_seed(0)
+    if kind == "pyro-module":
+        return _PyroModuleVAE(digits.input_dim)
+    if kind == "plain-pyro-module":
+        return _PlainPyroVAE(digits.input_dim)
+    return VAE(digits.input_dim, latent_dim=4, hidden=(32,))
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
+@pytest.mark.parametrize(
+    "kind, objective",
+    [
+        ("zoo", "trace"),
+        ("plain-pyro-module", "trace"),
+        ("pyro-module", "trace"),
+        ("zoo", "enum"),
+        ("zoo", "iwae"),
+        ("zoo", "dreg"),
+        ("pyro-module", "dreg"),
+    ],
+)
+def test_svi_step_reproduces_pyro_svi(digits, kind, objective):
+    """ppvae's training step (fused optimizer, param-store shortcut, Pyro's checks on the first
+    step only) performs the same updates as ``pyro.infer.SVI`` with the same objective."""
+    from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
+
+    from ppvae.inference import IWAE_ELBO
     from ppvae.inference.svi_step import SVIStep
 
-    def build():
-        torch.manual_seed(0)
-        if kind == "zoo":
-            return VAE(digits.input_dim, latent_dim=4, hidden=(32,))
-        return _PlainPyroVAE(digits.input_dim)
+    def loss():
+        return {
+            "trace": Trace_ELBO,
+            "enum": lambda: TraceEnum_ELBO(max_plate_nesting=1),
+            "iwae": lambda: IWAE_ELBO(3),
+            "dreg": lambda: IWAE_ELBO(3, estimator="dreg"),
+        }[objective]()
 
     x = (digits.train_x[:200] > 0.5).float()
     batches = [x[i : i + 40] for i in range(0, 200, 40)] * 3
-    reference = build()
+    reference = _svi_case(digits, kind)
     pyro.clear_param_store()
-    svi = SVI(reference.model, reference.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    svi = SVI(reference.model, reference.guide, pyro.optim.Adam({"lr": 1e-2}), loss())
     pyro.set_rng_seed(7)
     reference_losses = [svi.step(b) for b in batches]
 
-    ours = build()
+    ours = _svi_case(digits, kind)
     pyro.clear_param_store()
-    step = SVIStep(ours, Trace_ELBO(), pyro.optim.Adam({"lr": 1e-2}), (batches[0], None))
+    step = SVIStep(ours, loss(), pyro.optim.Adam({"lr": 1e-2}), (batches[0], None))
     pyro.set_rng_seed(7)
     our_losses = [float(step.step(b, None)) for b in batches]
 
@@ -294,6 +346,60 @@ def test_svi_step_reproduces_pyro_svi(digits, kind):
     for (name, p), q in zip(ours.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5), name
     assert reference_losses[-1] < reference_losses[0] - 5  # it trained: the comparison has teeth
+
+
+def test_dreg_refuses_a_module_whose_parameters_are_not_pyro_params(digits):
+    from ppvae.errors import ContractError
+    from ppvae.inference import IWAE_ELBO
+    from ppvae.inference.svi_step import SVIStep
+
+    class Unregistered(_PlainPyroVAE):  # no pyro.module: DReG could not find the guide's params
+        def model(self, x, y=None):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+        def guide(self, x, y=None):
+            with pyro.plate("data", x.shape[0]):
+                loc, raw = self.encoder(x).chunk(2, dim=-1)
+                scale = torch.nn.functional.softplus(raw)
+                pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    x = (digits.train_x[:40] > 0.5).float()
+    module = Unregistered(digits.input_dim)
+    with pytest.raises(ContractError, match="pyro.module"):
+        SVIStep(module, IWAE_ELBO(3, estimator="dreg"), pyro.optim.Adam({"lr": 1e-2}), (x, None))
+    SVIStep(module, IWAE_ELBO(3), pyro.optim.Adam({"lr": 1e-2}), (x, None))  # reparam: fine
+
+
+def test_an_error_mid_step_leaves_validation_flags_as_they_were(digits):
+    from pyro.infer import Trace_ELBO
+
+    from ppvae.inference.svi_step import SVIStep
+
+    class Failing(_PlainPyroVAE):
+        def check_data(self, x):  # a zoo-like model: Pyro's checks on the first step only
+            pass
+
+        def guide(self, x, y=None):
+            if self.fail:
+                raise RuntimeError("boom")
+            super().guide(x, y)
+
+    x = (digits.train_x[:40] > 0.5).float()
+    module = Failing(digits.input_dim)
+    module.fail = False
+    step = SVIStep(module, Trace_ELBO(), pyro.optim.Adam({"lr": 1e-2}), (x, None))
+    step.step(x, None)
+    for pyro_flag, torch_flag in ((True, True), (True, False), (False, False)):
+        pyro.enable_validation(pyro_flag)
+        torch.distributions.Distribution.set_default_validate_args(torch_flag)
+        module.fail = True
+        with pytest.raises(RuntimeError, match="boom"):
+            step.step(x, None)
+        assert pyro.infer.is_validation_enabled() is pyro_flag
+        assert torch.distributions.Distribution._validate_args is torch_flag
+    pyro.enable_validation(True)
 
 
 @pytest.mark.parametrize(
@@ -443,11 +549,13 @@ def test_fit_result_counts_the_epochs_of_this_call(digits, tmp_path):
     assert (resumed.epochs_this_call, resumed.epochs_run, resumed.resumed_from_epoch) == (1, 3, 2)
 
 
-def test_validate_every_step_checks_later_batches(digits):
-    x = digits.split("train")[0][:400].clone()
+def test_bad_values_in_later_loader_batches_are_found(digits):
+    """A loader is checked batch by batch: by the module's check_data for the zoo, by Pyro's
+    support checks on every step for a model without one (the default)."""
+    x = (digits.split("train")[0][:400] > 0.5).float()
     x[200:] = 0.5  # outside the Bernoulli support, but not in the first batch
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=100)
-    result = fit(_vae(digits), loader, epochs=1, progress=False)  # Pyro checks step 1 only
-    assert result.epochs_this_call == 1
+    with pytest.raises(PPVAEError, match="binary data"):
+        fit(_vae(digits), loader, epochs=1, progress=False)
     with pytest.raises(ValueError, match="support"):
-        fit(_vae(digits), loader, epochs=1, progress=False, validate_every_step=True)
+        fit(_PlainPyroVAE(digits.input_dim), loader, epochs=1, progress=False)

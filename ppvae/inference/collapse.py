@@ -46,7 +46,12 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, kl_divergence
 
 from ppvae.errors import ContractError, PPVAEError
-from ppvae.inference.importance import DEFAULT_CHUNK_BUDGET, base_distribution, plate_nesting
+from ppvae.inference.importance import (
+    DEFAULT_CHUNK_BUDGET,
+    base_distribution,
+    forked_rng,
+    plate_nesting,
+)
 
 DIAGNOSTIC_PLATE = "_ppvae_diagnostic_particles"
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015)
@@ -211,10 +216,6 @@ def _diagnostic_traces(module, x, y, num_samples: int, *, run_model: bool):
     return guide_trace, model_trace, particle_dim
 
 
-def _rng_fork(x: torch.Tensor):
-    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
-
-
 def kl_per_dimension(
     module,
     x: torch.Tensor,
@@ -233,7 +234,7 @@ def kl_per_dimension(
     advancing the global RNG.
     """
     parts: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad(), _rng_fork(x):
+    with torch.no_grad(), forked_rng(x):
         for xb, yb in _batches(module, x, y, num_samples, batch_size):
             guide_trace, model_trace, particle_dim = _diagnostic_traces(
                 module, xb, yb, num_samples, run_model=True
@@ -323,7 +324,7 @@ def active_units(
         raise PPVAEError("active units need at least 2 data points (a variance over x)")
     means: dict[str, list[torch.Tensor]] = {}
     excluded: dict[str, str] = {}
-    with torch.no_grad(), _rng_fork(x):
+    with torch.no_grad(), forked_rng(x):
         for xb, yb in _batches(module, x, y, num_samples, batch_size):
             guide_trace, _, particle_dim = _diagnostic_traces(
                 module, xb, yb, num_samples, run_model=False

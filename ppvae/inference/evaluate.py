@@ -184,20 +184,19 @@ class EvaluationReport:
             atomic_write_text(text, path)
         return text
 
+    @property
+    def one_hot_note(self) -> str:
+        """Why a one-hot guide's report shows the ELBO alone."""
+        sites = ", ".join(repr(name) for name in self.point_mass_sites)
+        return f"every IWAE bound equals it: the guide is one-hot on {sites}; no log p(x) or gap"
+
     def summary_table(self) -> str:
         """A short table for people: bounds, log p(x) ± s.e., gap, k̂ and ESS (or the note)."""
         rows = [("points", f"{self.num_points}")]
         if not self.likelihood_available:
             rows.append(("likelihood bound", "none"))
         elif self.point_mass_sites:
-            sites = ", ".join(repr(name) for name in self.point_mass_sites)
-            rows.append(
-                (
-                    "ELBO",
-                    f"{self.elbo:.3f} (every IWAE bound equals it: the guide is one-hot on "
-                    f"{sites}; no log p(x) estimate or gap)",
-                )
-            )
+            rows.append(("ELBO", f"{self.elbo:.3f} ({self.one_hot_note})"))
         else:
             rows.append(("importance samples K", f"{self.num_samples}"))
             rows.append(("ELBO", f"{self.elbo:.3f}"))

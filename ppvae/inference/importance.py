@@ -85,13 +85,18 @@ def plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> 
     return _probe_plate_nesting(model, guide, x, y)
 
 
+def forked_rng(x: torch.Tensor):
+    """torch's RNG forked for a block (the CPU's, and ``x``'s CUDA device's when it has one):
+    draws inside it do not shift the caller's random stream."""
+    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+
+
 def _probe_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> int:
     """``max_plate_nesting`` read off one trace of model and guide (never hard-coded).
 
     The probe runs on a forked RNG, so it does not shift the particles drawn afterwards.
     """
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), forked_rng(x):
         traces = _trace_pair(model, guide, x[:1], None if y is None else y[:1])
     nesting = 0
     for trace in traces:

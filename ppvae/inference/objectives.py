@@ -82,6 +82,7 @@ from ppvae.errors import PPVAEError
 from ppvae.inference.collapse import data_dim, kl_terms, latent_sites, points_by_dimension
 from ppvae.inference.importance import (
     PARTICLE_PLATE,
+    forked_rng,
     log_mean_exp,
     log_weights,
     site_log_prob,
@@ -89,10 +90,6 @@ from ppvae.inference.importance import (
 
 OBJECTIVES = ("elbo", "mean-field", "iwae", "iwae-dreg")
 ESTIMATORS = ("reparam", "dreg")
-
-
-def _rng_fork(x: torch.Tensor):
-    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
 
 
 def _active_particle_plate():
@@ -152,7 +149,7 @@ class _RecordingGuide:
     def __call__(self, x, y=None):
         particles = _active_particle_plate()
         if particles is None:
-            with _rng_fork(x):
+            with forked_rng(x):
                 return self.guide(x, y)
         handler = poutine.trace(self.guide)
         result = handler(x, y)
@@ -207,6 +204,11 @@ class IWAE_ELBO(ELBO):
         self.chunk_size = chunk_size
         self.data_plate = data_plate
         self._parameter_split = None  # (key, model leaves, guide leaves), see _split_parameters
+
+    @property
+    def needs_param_sites(self) -> bool:
+        """DReG finds the parameters it trains through ``pyro.param`` sites (``pyro.module``)."""
+        return self.estimator == "dreg"
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("IWAE_ELBO draws its particles through log_weights")
@@ -298,7 +300,7 @@ class IWAE_ELBO(ELBO):
             return self._parameter_split[1], self._parameter_split[2]
         xb, yb = x[:2], None if y is None else y[:2]
         with (
-            _rng_fork(x),
+            forked_rng(x),
             torch.enable_grad(),
             poutine.trace(param_only=True) as param_capture,  # what SVI would optimise
         ):

@@ -11,9 +11,16 @@ one torch optimizer over all parameters (fused Adam where torch has it) built fr
 
 Parameters are the module's: a model that creates ``pyro.param`` sites outside the module is
 refused with a clear error, because a checkpoint (``module.state_dict()``) would not hold them.
+Every trainable parameter of the module is optimised, also one the program never exposes as a
+``pyro.param`` site (a module without ``pyro.module``; a ``PyroParam`` read outside the
+module's context), which plain ``SVI`` would leave untouched; DReG, which finds the guide's
+parameters through those sites, refuses such a module.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import pyro
 import pyro.optim
@@ -23,6 +30,7 @@ from torch import nn
 
 from ppvae.contract import ModuleParameters
 from ppvae.errors import ContractError
+from ppvae.inference.importance import forked_rng
 
 _FUSED_CAPABLE = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -30,10 +38,9 @@ _FUSED_CAPABLE = (torch.optim.Adam, torch.optim.AdamW)
 def _param_sites(module: nn.Module, x: torch.Tensor, y) -> list[tuple[str, torch.Tensor, bool]]:
     """(name, unconstrained tensor, whether the constraint is the identity) of every
     ``pyro.param`` the model and guide touch on one batch."""
-    devices = [x.device] if x.is_cuda else []
     with (
         torch.no_grad(),
-        torch.random.fork_rng(devices=devices),
+        forked_rng(x),
         poutine.trace(param_only=True) as capture,
     ):
         guide_trace = poutine.trace(module.guide).get_trace(x, y)
@@ -43,6 +50,20 @@ def _param_sites(module: nn.Module, x: torch.Tensor, y) -> list[tuple[str, torch
         for name, site in capture.trace.nodes.items()
         if site["type"] == "param"
     ]
+
+
+@contextlib.contextmanager
+def _validation_off() -> Iterator[None]:
+    """Pyro's (and torch's) distribution checks off, both flags restored afterwards."""
+    torch_flag = torch.distributions.Distribution._validate_args  # noqa: SLF001
+    if not pyro.infer.is_validation_enabled() and not torch_flag:
+        yield
+        return
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(torch_flag)
 
 
 class SVIStep:
@@ -55,9 +76,11 @@ class SVIStep:
         optimizer: pyro.optim.PyroOptim,
         first_batch: tuple[torch.Tensor, torch.Tensor | None],
         *,
-        validate_every_step: bool = False,
+        validate_every_step: bool | None = None,
     ):
         self.module, self.loss = module, loss
+        if validate_every_step is None:  # the zoo checks its data itself (check_data)
+            validate_every_step = not callable(getattr(module, "check_data", None))
         self.validate_every_step = validate_every_step
         self._validated = False
         own = {id(p) for p in module.parameters()}
@@ -68,6 +91,14 @@ class SVIStep:
                 f"pyro.param site(s) {foreign} are not parameters of the module, so checkpoints "
                 "would not save them; make them nn.Parameter attributes of the module (and call "
                 "pyro.module(name, self) in model and guide)"
+            )
+        seen = {id(p) for _, p, _ in sites}
+        unseen = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
+        if unseen and getattr(loss, "needs_param_sites", False):
+            raise ContractError(
+                f"{type(loss).__name__} finds the parameters it trains through pyro.param sites, "
+                f"but module parameter(s) {unseen[:3]}{' ...' if len(unseen) > 3 else ''} are "
+                "not registered; call pyro.module(name, self) in model and guide"
             )
         # identity-constrained module parameters: pyro.param returns the tensor itself
         self._module_params = ModuleParameters(
@@ -98,11 +129,13 @@ class SVIStep:
         return constructor(params, **kwargs)
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """One update. Pyro's argument and support checks run on the first step (and on every
-        step with ``validate_every_step``); later steps skip them, since they cost about a fifth
-        of a small step. A NaN that appears later still surfaces as a non-finite loss."""
+        """One update. With ``validate_every_step=False`` Pyro's argument and support checks run
+        on the first step only (they cost about a fifth of a small step); the default (None) does
+        that for modules with a ``check_data`` method, whose data ``fit`` checks batch by batch,
+        and keeps the checks on every step for other models. A NaN that appears later still
+        surfaces as a non-finite loss."""
         if self._validated and not self.validate_every_step:
-            with pyro.validation_enabled(False):
+            with _validation_off():
                 return self._step(x, y)
         value = self._step(x, y)
         self._validated = True

@@ -103,6 +103,8 @@ class _Batches:
 
     def __init__(self, data, batch_size: int, device: torch.device, seed: int):
         self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.check: Callable[[torch.Tensor], None] | None = None  # for batches drawn later
+        self.recheck_epochs = hasattr(data, "epoch") and not isinstance(data, DynamicBinarization)
         self.loader = None
         self.epoch_fn: Callable[[int], tuple] | None = None
         if isinstance(data, torch.utils.data.DataLoader):
@@ -141,9 +143,14 @@ class _Batches:
             if hasattr(self.loader.sampler, "set_epoch"):
                 self.loader.sampler.set_epoch(epoch)
             for batch in self.loader:
-                yield _split_batch(batch, self.device)
+                x, y = _split_batch(batch, None)
+                if self.check is not None:
+                    self.check(x)
+                yield x.to(self.device), None if y is None else y.to(self.device)
             return
         x, y = self.epoch_fn(epoch)
+        if self.check is not None and self.recheck_epochs:
+            self.check(x)
         x = x.to(self.device)
         y = None if y is None else y.to(self.device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -154,10 +161,13 @@ class _Batches:
 
 
 def _split_batch(batch, device):
+    """``(x, y)`` of a loader's batch, moved to ``device`` (None: left where it is)."""
     if isinstance(batch, (tuple, list)):
         x, y = batch[0], batch[1] if len(batch) > 1 else None
     else:
         x, y = batch, None
+    if device is None:
+        return x, y
     return x.to(device), None if y is None else y.to(device)
 
 
@@ -198,7 +208,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The per-epoch records in ``metrics.jsonl`` (the file, or the run directory that holds it).
 
     A missing file gives ``[]``; a last line cut off by a killed write is skipped; an unreadable
-    line before it is a ``PPVAEError``.
+    line before it (not a JSON object with an integer ``"epoch"``) is a ``PPVAEError``.
     """
     path = Path(path)
     if path.is_dir():
@@ -215,7 +225,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
             records.append(record)
         elif i < last:
             raise PPVAEError(
@@ -251,7 +261,7 @@ def fit(
     lr_schedule: Callable[[int], float] | None = None,
     epoch_metrics: Callable[[nn.Module], dict] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
-    validate_every_step: bool = False,
+    validate_every_step: bool | None = None,
 ) -> FitResult:
     """Train ``module.model`` / ``module.guide`` with SVI.
 
@@ -266,15 +276,18 @@ def fit(
     ``lr_schedule(epoch) -> lr`` (1-based epochs) sets the learning rate before each epoch.
     If ``loss`` has a ``set_epoch(epoch)`` method (KL warm-up, β schedules) it is called before
     every epoch (1-based). ``epoch_metrics(module) -> dict`` adds entries to each epoch's record.
-    ``validate_every_step``: run Pyro's argument and support checks on every SVI step, not only on
-    the first (slower; finds data that leave the likelihood's support in a later batch).
+    ``validate_every_step``: Pyro's argument and support checks on every SVI step (True) or on the
+    first only (False, faster); the default (None) checks every step unless the module has a
+    ``check_data`` method (the zoo's models), whose data are checked as described below.
     The global Pyro param store is cleared first, so parameters of an earlier run cannot leak in.
 
     Before anything is written, the data go through ``module.check_data`` (or a NaN/inf check):
     every training point of a tensor or pair, epoch 0's view of an ``epoch(e)`` object (and the
-    tensor ``x`` it draws from), only the first batch of a ``DataLoader`` or other ``Dataset``;
-    and the validation inputs. A non-finite loss, parameters or validation ELBO raises a
-    ``DivergenceError`` that names the last good checkpoint; non-finite parameters are never saved.
+    tensor ``x`` it draws from), the first batch of a ``DataLoader`` or other ``Dataset``, and the
+    validation inputs; every loader batch and every epoch's view are checked again as they are
+    drawn (a ``DynamicBinarization``'s draws are binary by construction and are not re-checked).
+    A non-finite loss, parameters or validation ELBO raises a ``DivergenceError`` that names the
+    last good checkpoint; non-finite parameters are never saved.
     """
     if epochs < 0 or batch_size < 1:
         raise PPVAEError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
@@ -292,12 +305,12 @@ def fit(
     start_epoch = 1
     if resume:
         checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
-        restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
         if epochs <= checkpoint["epoch"]:
             raise PPVAEError(
                 f"{run_dir} already has {checkpoint['epoch']} epochs, and epochs={epochs}; "
                 f"pass a larger epochs (--epochs) than {checkpoint['epoch']} to train more"
             )
+        restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
         module.to(device)
         set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
@@ -403,15 +416,16 @@ def _check_data(module, data, batches: _Batches, validation) -> tuple:
         check(first[0], "the training data")
     else:
         source = getattr(data, "x", None)
-        if hasattr(data, "epoch") and isinstance(source, torch.Tensor):
+        if isinstance(data, DynamicBinarization):
+            check_unit_interval(source, "dynamic binarisation")  # NaN/inf included
+        elif hasattr(data, "epoch") and isinstance(source, torch.Tensor):
             check_finite(source, "the training data")
-            if isinstance(data, DynamicBinarization):
-                check_unit_interval(source, "dynamic binarisation")
         view = batches.epoch_fn(0)
         check(view[0], "the training data")
         first = batches.first(view)
     if validation is not None:
         check(_as_pair(validation)[0], "the validation data")
+    batches.check = lambda x: check(x, "the training data")
     return first
 
 
