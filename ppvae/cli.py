@@ -22,7 +22,6 @@ from ppvae.errors import PPVAEError
 RESUME_OVERRIDABLE = {"epochs", "device", "progress", "eval_samples", "resume", "run_dir"}
 DATA_KEYS = ("dataset", "data_dir", "binarize", "val_fraction", "test_fraction", "limit", "seed")
 SAMPLE_SUFFIXES = (".png", ".npy")
-IWAE_OBJECTIVES = ("iwae", "iwae-dreg")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -566,21 +565,18 @@ def _make_objective(config: dict):
     )
 
 
-def _kl_reweighted(config: dict) -> bool:
-    return (
-        config.get("beta", 1.0) != 1.0
-        or config.get("kl_warmup", 0) != 0
-        or config.get("free_bits", 0.0) != 0.0
-    )
-
-
 def _describe_objective(config: dict) -> str:
+    from ppvae.inference.objectives import reweights_kl
+
     text = f"--objective {config.get('objective', 'elbo')}"
-    return text + (" and --beta/--kl-warmup/--free-bits" if _kl_reweighted(config) else "")
+    reweighted = reweights_kl(
+        config.get("beta", 1.0), config.get("kl_warmup", 0), config.get("free_bits", 0.0)
+    )
+    return text + (" and --beta/--kl-warmup/--free-bits" if reweighted else "")
 
 
 def _preflight(module, objective, data, config: dict) -> bool:
-    """Check every split with the model's ``check_data`` and evaluate the objective once on a few
+    """Check every split as ``fit`` checks its data and evaluate the objective once on a few
     validation points, so that bad data or a model the objective cannot train fail before the
     run directory is written. Returns whether the model has training-only auxiliary losses."""
     import pyro
@@ -588,11 +584,10 @@ def _preflight(module, objective, data, config: dict) -> bool:
     import torch
 
     from ppvae.contract import AUXILIARY_LOSS
+    from ppvae.inference.train import check_training_data
 
-    check = getattr(module, "check_data", None)
-    if check is not None:
-        for split in ("train", "val", "test"):
-            check(data.split(split)[0])
+    check_training_data(module, data.train, validation=data.split("val"))  # what fit checks
+    check_training_data(module, data.split("test"))  # the split of the final evaluation
     x, y = data.split("val")
     x, y = x[:8], None if y is None else y[:8]
     was_training = module.training
@@ -679,7 +674,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     written += _figures(best, data, run_dir, result.history)
     rows = [
         _epochs_row(result, train_seconds),
-        _train_row(config, result, report, auxiliary),
+        _train_row(objective, result, report, auxiliary),
         _validation_row(result),
         *report_rows(report),
         ("wrote", ", ".join(p.name for p in written)),
@@ -727,17 +722,18 @@ def _epochs_row(result, seconds: float) -> tuple[str, str]:
     )
 
 
-def _train_row(config: dict, result, report, auxiliary: bool) -> tuple[str, str]:
+def _train_row(objective, result, report, auxiliary: bool) -> tuple[str, str]:
     """The last epoch's training objective, named for what it is."""
+    from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO
+
     loss = result.history[-1]["train_loss"]
     if result.validation_metric == "val_loss" or not report.likelihood_available:
         return ("train loss", f"{loss:.3f} nats/point (last epoch; no ELBO exists for this model)")
-    objective = config.get("objective", "elbo")
     if auxiliary:
         name, what = "train objective", "the ELBO less the model's auxiliary training losses"
-    elif objective in IWAE_OBJECTIVES:
-        name, what = f"train IWAE bound (K={config['num_particles']})", None
-    elif _kl_reweighted(config):
+    elif isinstance(objective, IWAE_ELBO):
+        name, what = f"train IWAE bound (K={objective.num_particles})", None
+    elif isinstance(objective, KLWeighted_ELBO) and objective.reweighted:
         name, what = "train weighted ELBO", "KL term weighted by --beta/--kl-warmup/--free-bits"
     else:
         name, what = "train ELBO", None

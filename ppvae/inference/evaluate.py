@@ -56,6 +56,7 @@ from ppvae.inference.collapse import collapse_metrics
 from ppvae.inference.importance import (
     base_distribution,
     effective_sample_size,
+    forked_rng,
     log_marginal_stderr,
     log_mean_exp,
     log_weights,
@@ -444,8 +445,7 @@ def _on_device(module, device: torch.device) -> Iterator[torch.device]:
 def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
     """torch's CPU RNG (and ``device``'s, if CUDA) seeded with ``seed`` for the block, the
     caller's RNG states restored after it."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(device):
         torch.random.default_generator.manual_seed(seed)
         if device.type == "cuda":
             with torch.cuda.device(device):

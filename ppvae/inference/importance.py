@@ -85,10 +85,11 @@ def plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> 
     return _probe_plate_nesting(model, guide, x, y)
 
 
-def forked_rng(x: torch.Tensor):
-    """torch's RNG forked for a block (the CPU's, and ``x``'s CUDA device's when it has one):
-    draws inside it do not shift the caller's random stream."""
-    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+def forked_rng(where: torch.Tensor | torch.device):
+    """torch's RNG forked for a block (the CPU's, and the CUDA device of ``where`` — a tensor or
+    a device — when it has one): draws inside it do not shift the caller's random stream."""
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _probe_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> int:

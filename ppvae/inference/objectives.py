@@ -389,6 +389,11 @@ class KLWeighted_ELBO(ELBO):
         self.epoch = epoch
 
     @property
+    def reweighted(self) -> bool:
+        """Whether β, warm-up or free bits change the ELBO's KL term."""
+        return reweights_kl(self.beta, self.kl_warmup, self.free_bits)
+
+    @property
     def warmup_factor(self) -> float:
         """c(e) = min(1, e / E), or 1 without warm-up."""
         return 1.0 if self.kl_warmup == 0 else min(1.0, self.epoch / self.kl_warmup)
@@ -452,6 +457,11 @@ class KLWeighted_ELBO(ELBO):
         return float(loss.detach())
 
 
+def reweights_kl(beta: float, kl_warmup: int, free_bits: float) -> bool:
+    """Whether these settings make the KL term differ from the plain ELBO's."""
+    return beta != 1.0 or kl_warmup != 0 or free_bits != 0.0
+
+
 def make_objective(
     name: str,
     *,
@@ -475,7 +485,7 @@ def make_objective(
         raise PPVAEError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)}")
     if not isinstance(num_particles, int) or num_particles < 1:
         raise PPVAEError(f"--num-particles must be an integer >= 1, got {num_particles!r}")
-    weighted = beta != 1.0 or kl_warmup != 0 or free_bits != 0.0
+    weighted = reweights_kl(beta, kl_warmup, free_bits)
     if name in ("iwae", "iwae-dreg"):
         if weighted:
             raise PPVAEError(

@@ -56,9 +56,6 @@ def _param_sites(module: nn.Module, x: torch.Tensor, y) -> list[tuple[str, torch
 def _validation_off() -> Iterator[None]:
     """Pyro's (and torch's) distribution checks off, both flags restored afterwards."""
     torch_flag = torch.distributions.Distribution._validate_args  # noqa: SLF001
-    if not pyro.infer.is_validation_enabled() and not torch_flag:
-        yield
-        return
     try:
         with pyro.validation_enabled(False):
             yield
