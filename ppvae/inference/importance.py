@@ -33,6 +33,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions import Delta
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import constraints
 
 from ppvae.contract import AUXILIARY_LOSS
 from ppvae.errors import ContractError
@@ -316,3 +317,106 @@ def log_marginal(
         )
     estimate = log_mean_exp(log_w)
     return (estimate, log_marginal_stderr(log_w)) if return_stderr else estimate
+
+
+class PosteriorTarget:
+    """log p(x_n, z) and log q(z | x_n) of a batch of points as functions of the latent values,
+    for samplers that move the latents themselves (AIS, HMC, NUTS, local SVI).
+
+    The latents of every site are packed into one flat vector per (particle, point):
+    ``z: [K, N, D]`` with ``D`` the total number of latent elements (site order: the guide's).
+    ``log_joint(z)`` and ``log_guide(z)`` return ``[K, N]`` and are differentiable in ``z``;
+    values are in each site's support (``real_support`` says whether every site lives in R^D).
+    """
+
+    def __init__(
+        self, model: Callable, guide: Callable, x: torch.Tensor, y=None, *, data_plate="data"
+    ):
+        self.model, self.guide, self.x, self.y = model, guide, x, y
+        self.data_plate = data_plate
+        self.num_data = x.shape[0]
+        self.nesting = plate_nesting(model, guide, x, y)
+        with torch.no_grad(), forked_rng(x):
+            latents, _ = self._sample(1)
+        # name -> (value shape under a 1-particle plate, index of the data axis, flat slice)
+        self.sites: dict[str, tuple[tuple[int, ...], int, slice]] = {}
+        offset = 0
+        self.real_support = True
+        for name, site in latents.items():
+            event_dim = len(site["fn"].event_shape)
+            value = site["value"]
+            batch_ndim = -self.particle_dim
+            shape = tuple(value.shape)
+            shape = (1,) * (batch_ndim + event_dim - len(shape)) + shape
+            data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == data_plate)
+            axis = batch_ndim + data_dim
+            size = math.prod(shape) // shape[axis]
+            self.sites[name] = (shape, axis, slice(offset, offset + size))
+            offset += size
+            support = site["fn"].support
+            while hasattr(support, "base_constraint"):  # independent(real, 1)
+                support = support.base_constraint
+            self.real_support = self.real_support and support is constraints.real
+        self.dim = offset
+
+    @property
+    def particle_dim(self) -> int:
+        return -(self.nesting + 1)
+
+    def _sample(self, num_particles: int):
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=self.particle_dim):
+            model_trace, guide_trace = _trace_pair(self.model, self.guide, self.x, self.y)
+        _check_contract(model_trace, guide_trace, self.data_plate, self.num_data)
+        latents = {n: s for n, s in sample_sites(guide_trace) if not s["is_observed"]}
+        return latents, guide_trace
+
+    def pack(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Site values (as the sites take them under a K-particle plate) -> ``[K, N, D]``."""
+        num_particles = next(iter(values.values())).shape[0]
+        parts = []
+        for name, (shape, axis, _) in self.sites.items():
+            full = list(shape)
+            full[0], full[axis] = num_particles, self.num_data
+            value = values[name].expand(full).movedim(axis, 1)
+            parts.append(value.reshape(num_particles, self.num_data, -1))
+        return torch.cat(parts, dim=-1)
+
+    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[K, N, D]`` -> site values in the shapes the sites take under a K-particle plate."""
+        num_particles = z.shape[0]
+        values = {}
+        for name, (shape, axis, where) in self.sites.items():
+            moved = list(shape)
+            moved[0], moved[axis] = num_particles, self.num_data
+            moved.insert(1, moved.pop(axis))
+            values[name] = z[..., where].reshape(moved).movedim(1, axis)
+        return values
+
+    def sample_guide(self, num_particles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z ~ q(z | x_n)``: ``([K, N, D], log q(z | x_n) [K, N])``."""
+        latents, guide_trace = self._sample(num_particles)
+        z = self.pack({name: site["value"] for name, site in latents.items()})
+        return z, self._sum(guide_trace, num_particles)
+
+    def _sum(self, trace, num_particles: int) -> torch.Tensor:
+        total = self.x.new_zeros(num_particles, self.num_data)
+        for _, site in sample_sites(trace):
+            total = total + site_log_prob(
+                site, self.data_plate, self.particle_dim, num_particles, self.num_data, False
+            )
+        return total
+
+    def _log_density(self, fn: Callable, z: torch.Tensor) -> torch.Tensor:
+        num_particles = z.shape[0]
+        conditioned = poutine.condition(fn, data=self.unpack(z))
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=self.particle_dim):
+            trace = poutine.trace(conditioned).get_trace(self.x, self.y)
+        return self._sum(trace, num_particles)
+
+    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(x_n, z_kn), ``[K, N]``."""
+        return self._log_density(self.model, z)
+
+    def log_guide(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z_kn | x_n), ``[K, N]``."""
+        return self._log_density(self.guide, z)
