@@ -143,3 +143,23 @@ def restore_module(module: nn.Module, checkpoint: dict, source: str = "checkpoin
 
 def _describe(hparams: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(hparams.items()))
+
+
+def refuse_existing_run(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
+    """A one-line error unless ``run_dir`` may be written as a new run (or is being resumed).
+
+    ``fit(run_dir=...)`` and ``ppvae train --run-dir`` share it: a folder that holds a checkpoint
+    is only continued (``resume``) or deliberately replaced (``overwrite``), never silently
+    written over.
+    """
+    text = os.fspath(run_dir)
+    if not text.strip():
+        raise PPVAEError("--run-dir is empty; name the folder for the run")
+    run_dir = Path(text)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PPVAEError(f"--run-dir {run_dir} is a file; pick a directory")
+    if not resume and not overwrite and (run_dir / "checkpoint.pt").exists():
+        raise PPVAEError(
+            f"{run_dir} already holds a run; add --resume (resume=True) to continue it, or pick "
+            "a new --run-dir (overwrite=True replaces it)"
+        )

@@ -33,6 +33,7 @@ from ppvae.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     model_identity,
+    refuse_existing_run,
     restore_module,
     rng_state,
     set_rng_state,
@@ -255,6 +256,7 @@ def fit(
     validation=None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     seed: int = 0,
     config: dict[str, Any] | None = None,
     progress: bool = True,
@@ -271,6 +273,7 @@ def fit(
     per-epoch validation ELBO. With ``run_dir``, checkpoints and ``metrics.jsonl`` are written
     there after every epoch; ``resume=True`` continues from ``run_dir/checkpoint.pt`` up to
     ``epochs`` in total, which must exceed the checkpoint's epoch.
+    A ``run_dir`` that holds a checkpoint is refused unless ``resume`` or ``overwrite``.
     ``optimizer`` defaults to ``pyro.optim.Adam({"lr": lr})`` (its constructor and arguments build
     one torch optimizer over the module's parameters); ``loss`` to ``Trace_ELBO()``.
     ``lr_schedule(epoch) -> lr`` (1-based epochs) sets the learning rate before each epoch.
@@ -293,6 +296,8 @@ def fit(
         raise PPVAEError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
     if resume and run_dir is None:
         raise PPVAEError("resume=True needs run_dir (where the checkpoint is)")
+    if run_dir is not None:  # an existing run is only resumed or deliberately replaced
+        refuse_existing_run(run_dir, resume=resume, overwrite=overwrite)
     device = resolve_device(device)
     run_dir = None if run_dir is None else Path(run_dir)
     loss = loss if loss is not None else Trace_ELBO()
