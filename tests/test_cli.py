@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 
 from ppvae.checkpoint import load_checkpoint
-from ppvae.cli import build_parser, main
+from ppvae.cli import build_parsers, main
 from ppvae.data import load_data
 from ppvae.models import MODELS
 
@@ -113,7 +113,11 @@ def test_evaluate_sample_and_plot_commands(trained_run, capsys):
         capsys,
     )
     assert code == 0 and "log p(x)" in out
-    assert json.loads((trained_run / "report.json").read_text())["num_points"] == 144
+    # the evaluation is written beside the training run's report, which stays as it was
+    folder = trained_run / "evaluations" / "val-K20"
+    assert json.loads((folder / "report.json").read_text())["num_points"] == 144
+    assert json.loads((trained_run / "report.json").read_text())["num_points"] == 359
+    assert str(folder) in out
     code, out, _ = _run(
         ["sample", str(trained_run), "--num", "5", "--out", str(trained_run / "s.npy")], capsys
     )
@@ -141,10 +145,9 @@ def test_plot_skips_a_cut_off_last_metrics_line(trained_run, tmp_path, capsys):
     shutil.copytree(trained_run, run)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 4, "train_lo')
-    (run / "training_curves.png").unlink()
     code, out, err = _run(["plot", str(run)], capsys)
     assert code == 0 and "training_curves.png" in out, err
-    assert (run / "training_curves.png").exists()
+    assert (run / "figures" / "best" / "training_curves.png").exists()
     # a broken line before the end is not a killed write: a one-line error
     (run / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
     code, _, err = _run(["plot", str(run)], capsys)
@@ -152,9 +155,7 @@ def test_plot_skips_a_cut_off_last_metrics_line(trained_run, tmp_path, capsys):
 
 
 def test_help_documents_every_option():
-    parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices
-    for name, command in sub.items():
+    for name, command in build_parsers()[1].items():
         text = command.format_help()
         for action in command._actions:
             for flag in action.option_strings:
@@ -184,7 +185,7 @@ def test_train_help_shows_every_default(monkeypatch, capsys):
     code, out, _ = _run(["train", "--help"], capsys)
     assert code == 0
     blocks = _option_blocks(out)
-    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    train = build_parsers()[1]["train"]
     for action in train._actions:
         if action.dest == "help":
             continue
@@ -304,7 +305,8 @@ def test_resume_checks_and_foreign_checkpoints(trained_run, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     config = json.loads((trained_run / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "latent_dim": 3}))
+    options = {**config["model_options"], "latent_dim": 3}
+    (other / "config.json").write_text(json.dumps({**config, "model_options": options}))
     (other / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
     code, _, err = _run(["evaluate", str(other)], capsys)
     assert code == 2 and "latent_dim=2" in err and "latent_dim=3" in err
@@ -401,5 +403,5 @@ def test_train_every_model_from_the_cli(name, tmp_path, capsys):
         assert config["objective"] == "mean-field"
         code, stdout, err = _run(["sample", str(run), "--label", "3", "--num", "4"], capsys)
         assert code == 0, err
-        assert (run / "samples_label3.png").read_bytes().startswith(b"\x89PNG")
+        assert (run / "samples" / "samples_label3.png").read_bytes().startswith(b"\x89PNG")
         assert "samples_label3.png" in stdout

@@ -1,0 +1,67 @@
+"""The figure set of a run: training curves, and for image data reconstructions, prior samples and,
+for a 2-D latent space, a latent map and a decoded manifold grid.
+
+``ppvae train`` writes them beside the run's checkpoints; ``ppvae plot`` (``Run.figures``)
+redraws them into a folder of their own. Each figure is drawn only where the model has what it
+needs (an autoencoder has no prior to sample from).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ppvae.errors import PPVAEError
+
+EVALUATION_POINTS = 2000  # test points behind reconstructions and latent maps
+
+
+def is_conditional(module) -> bool:
+    """Conditional models (CVAE) are built with ``num_classes``."""
+    return "num_classes" in getattr(module, "hparams", {})
+
+
+def run_figures(module, data, out_dir: str | Path, history: list[dict] | None) -> list[Path]:
+    """Draw the figures of ``module`` trained on ``data`` (a ``DataSplits``) into ``out_dir``;
+    ``history`` is the run's ``metrics.jsonl`` records (no curves without it). Returns the
+    paths written."""
+    from ppvae.plots.samples import (
+        plot_latent_map,
+        plot_manifold_grid,
+        plot_prior_samples,
+        plot_reconstructions,
+        plot_training_curves,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if history:
+        written.append(plot_training_curves(history, out_dir / "training_curves.png"))
+    if data.image_shape is None:
+        return written
+    device = next(module.parameters()).device
+    x, y = data.split("test")
+    x = x[:EVALUATION_POINTS].to(device)
+    y = None if y is None else y[:EVALUATION_POINTS].to(device)
+    written.append(
+        plot_reconstructions(module, x, y, data.image_shape, out_dir / "reconstructions.png")
+    )
+    conditional = is_conditional(module)
+    labels = (torch.arange(64) % data.num_classes).to(device) if conditional else None
+    try:
+        written.append(
+            plot_prior_samples(module, data.image_shape, out_dir / "samples.png", y=labels)
+        )
+    except PPVAEError:  # no prior to sample from (an autoencoder)
+        pass
+    if getattr(module, "latent_dim", None) == 2:
+        written.append(
+            plot_latent_map(module, x, y, out_dir / "latent_map.png", y=y if conditional else None)
+        )
+        if not conditional:
+            written.append(
+                plot_manifold_grid(module, data.image_shape, out_dir / "manifold_grid.png")
+            )
+    return written

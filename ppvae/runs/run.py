@@ -1,0 +1,492 @@
+"""A run directory as a library object (DESIGN §5).
+
+A run directory holds ``config.json`` (a :class:`~ppvae.runs.config.RunConfig`),
+``checkpoint.pt`` and ``checkpoint-best.pt``, ``metrics.jsonl``, ``report.json`` (the best
+checkpoint on the test split) and PNG figures: the training run's own files. Results derived
+later from a run are written into folders of their own and never over these:
+``evaluations/<split>-K<k>[-last]/`` (:meth:`Run.evaluate`), ``samples/`` (:meth:`Run.sample`)
+and ``figures/<checkpoint>/`` (:meth:`Run.figures`).
+
+>>> run = Run.create("runs/demo", model="vae", latent_dim=2, epochs=5)   # checks, writes config
+>>> outcome = run.train()                                               # fit, report, figures
+>>> run = load_run("runs/demo"); run.module                             # the best checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppvae.checkpoint import atomic_write_json, refuse_existing_run
+from ppvae.errors import PPVAEError
+from ppvae.runs.config import RunConfig, flag
+
+CONFIG_FILE = "config.json"
+REPORT_FILE = "report.json"
+RUN_FILES = (CONFIG_FILE, REPORT_FILE, "metrics.jsonl")
+CHECKPOINTS = ("best", "last")
+DERIVED_FOLDERS = ("evaluations", "samples", "figures")
+SAMPLE_SUFFIXES = (".png", ".npy")
+# options that may change when a run is resumed: none of them changes the model or the data
+RESUMABLE = ("epochs", "eval_samples", "device")
+
+
+@dataclass
+class TrainOutcome:
+    """What :meth:`Run.train` did: the ``FitResult``, the test report of the best checkpoint,
+    the files written, the training time, and whether the model has training-only losses."""
+
+    result: Any
+    report: Any
+    written: list[Path]
+    seconds: float
+    objective: Any
+    auxiliary_losses: bool = False
+
+
+@dataclass
+class Evaluation:
+    """A report of :meth:`Run.evaluate` and the files it wrote into ``folder``."""
+
+    report: Any
+    folder: Path
+    written: list[Path] = field(default_factory=list)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """``runs/MODEL-DATASET-TIMESTAMP``."""
+    name = config.dataset if config.dataset == "digits" else Path(config.dataset).stem
+    return Path("runs") / f"{config.model}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_model(config: RunConfig, data) -> nn.Module:
+    """The model of ``config`` with the sizes of ``data`` (a ``DataSplits``)."""
+    import inspect
+
+    from ppvae.models import MODELS
+
+    cls = MODELS[config.model]
+    parameters = inspect.signature(cls).parameters
+    kwargs = dict(config.model_options)
+    derived = {
+        "input_dim": data.input_dim,
+        "image_shape": data.image_shape,
+        "num_classes": data.num_classes,
+    }
+    for key, value in derived.items():
+        if key in parameters:
+            if key == "num_classes" and value is None:
+                raise PPVAEError(
+                    f"--model {config.model} needs labels; use a data set that has them"
+                )
+            kwargs[key] = value
+    if kwargs.get("net") == "conv" and data.image_shape is None:
+        raise PPVAEError("--net conv needs image data; use --net mlp for flat arrays")
+    return cls(**kwargs)
+
+
+class Run:
+    """One run directory: its configuration, data, model, metrics and reports.
+
+    ``Run.create`` starts a new run (everything that can fail on bad input is checked before the
+    folder is written), ``Run.load`` / :func:`load_run` opens an existing one. ``checkpoint``
+    (``best`` or ``last``) and ``device`` choose the weights :attr:`module` holds.
+    """
+
+    def __init__(
+        self, path: str | Path, config: RunConfig, *, checkpoint: str = "best", device="auto"
+    ):
+        if checkpoint not in CHECKPOINTS:
+            raise PPVAEError(f"checkpoint must be best or last, got {checkpoint!r}")
+        self.path = Path(path)
+        self.config = config
+        self.checkpoint = checkpoint
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, model={self.config.model!r})"
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path | None = None,
+        config: RunConfig | None = None,
+        *,
+        overwrite: bool = False,
+        **options: Any,
+    ) -> Run:
+        """A new run in ``path`` (default ``runs/MODEL-DATASET-TIMESTAMP``) from ``config`` or
+        from flat options (``model="vae", latent_dim=2, epochs=5``; see :class:`RunConfig`).
+
+        The data are loaded, the model built and the objective evaluated once on a few points
+        before ``config.json`` is written; a folder that holds a run is refused unless
+        ``overwrite`` (its training files and derived folders are then removed).
+        """
+        if config is None:
+            config = RunConfig.from_options(**options)
+        elif options:
+            raise PPVAEError("pass either config or options to Run.create, not both")
+        path = default_run_dir(config) if path is None else path
+        refuse_existing_run(path, resume=False, overwrite=overwrite)
+        run = cls(path, config)
+        run.preflight()
+        if overwrite:
+            run._remove_run_files()
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise PPVAEError(f"cannot create --run-dir {run.path}: {error.strerror}") from None
+        atomic_write_json(config.to_dict(), run.path / CONFIG_FILE)
+        return run
+
+    @classmethod
+    def load(cls, path: str | Path, *, checkpoint: str = "best", device="auto") -> Run:
+        """The run in ``path``; a one-line error when it is not a ppvae run directory."""
+        path = Path(path)
+        config_path = path / CONFIG_FILE
+        if not path.is_dir():
+            raise PPVAEError(f"{path} does not exist or is not a folder; pass a run directory")
+        if not config_path.is_file():
+            raise PPVAEError(f"{path} is not a ppvae run directory (no config.json); pass one")
+        try:
+            data = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PPVAEError(
+                f"{config_path} is not JSON ({error}); restore it or train a new run"
+            ) from None
+        config = RunConfig.from_dict(data, str(config_path))
+        return cls(path, config, checkpoint=checkpoint, device=device)
+
+    # -- contents ---------------------------------------------------------------------------
+    @cached_property
+    def data(self):
+        """The run's data (``ppvae.data.DataSplits``), split as when it was trained."""
+        from ppvae.data import load_data
+
+        return load_data(**self.config.data_options())
+
+    def build_module(self) -> nn.Module:
+        """The untrained model, initialised from the run's seed."""
+        torch.manual_seed(self.config.seed)
+        return build_model(self.config, self.data)
+
+    @cached_property
+    def module(self) -> nn.Module:
+        """The model with the weights of :attr:`checkpoint`, on :attr:`device`, in eval mode."""
+        return self.restore(self.checkpoint, self.device)
+
+    def checkpoint_path(self, checkpoint: str = "best") -> Path:
+        """``checkpoint-best.pt`` (``checkpoint.pt`` before the first validation) or
+        ``checkpoint.pt``."""
+        from ppvae.inference.train import BEST_CHECKPOINT, LAST_CHECKPOINT
+
+        path = self.path / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
+        return path if path.exists() or checkpoint == "last" else self.path / LAST_CHECKPOINT
+
+    def restore(self, checkpoint: str = "best", device="auto") -> nn.Module:
+        """A new module holding the weights of the ``best`` or ``last`` checkpoint."""
+        from ppvae.checkpoint import load_checkpoint, restore_module
+        from ppvae.inference.train import resolve_device
+
+        if checkpoint not in CHECKPOINTS:
+            raise PPVAEError(f"checkpoint must be best or last, got {checkpoint!r}")
+        module = build_model(self.config, self.data)
+        path = self.checkpoint_path(checkpoint)
+        restore_module(module, load_checkpoint(path), source=str(path))
+        return module.to(resolve_device(device)).eval()
+
+    @property
+    def metrics(self) -> list[dict]:
+        """The per-epoch records of ``metrics.jsonl`` (a cut-off last line is skipped)."""
+        from ppvae.inference.train import read_metrics
+
+        return read_metrics(self.path)
+
+    @property
+    def report(self):
+        """The training run's ``EvaluationReport`` (``report.json``), or None before it exists."""
+        from ppvae.inference.evaluate import EvaluationReport
+
+        path = self.path / REPORT_FILE
+        if not path.is_file():
+            return None
+        try:
+            return EvaluationReport.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError) as error:
+            raise PPVAEError(
+                f"{path} is not a ppvae report ({error}); resume the run to rewrite it"
+            ) from None
+
+    # -- training ---------------------------------------------------------------------------
+    def preflight(self) -> bool:
+        """Check every split as ``fit`` checks its data and evaluate the objective once on a few
+        validation points, so that bad data or a model the objective cannot train fail before
+        anything is written. Returns whether the model has training-only auxiliary losses."""
+        import pyro
+        import pyro.poutine as poutine
+
+        from ppvae.contract import AUXILIARY_LOSS
+        from ppvae.inference.train import check_training_data
+
+        data, config = self.data, self.config
+        module = self.build_module()
+        check_training_data(module, data.train, validation=data.split("val"))  # what fit checks
+        check_training_data(module, data.split("test"))  # the split of the final evaluation
+        x, y = data.split("val")
+        x, y = x[:8], None if y is None else y[:8]
+        module.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the module is on the CPU
+                try:
+                    config.make_objective().loss(module.model, module.guide, x, y)
+                except PPVAEError as error:
+                    what = f"--model {config.model} with {config.describe_objective()}"
+                    raise PPVAEError(f"{what} cannot be trained: {error}") from None
+                guide_trace = poutine.trace(module.guide).get_trace(x, y)
+                model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace))
+                model_trace = model_trace.get_trace(x, y)
+        finally:
+            pyro.clear_param_store()
+        return any(
+            site["infer"].get(AUXILIARY_LOSS)
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample"
+        )
+
+    def resume_with(self, **options: Any) -> Run:
+        """This run with the options a resumed run may change (``epochs``, ``eval_samples``,
+        ``device``) recorded in ``config.json``; other options must equal the saved ones."""
+        saved = self.config.flat()
+        changed = sorted(
+            k for k, v in options.items() if k not in RESUMABLE and saved.get(k, v) != v
+        )
+        if changed:
+            flags = ", ".join(map(flag, changed))
+            verb = "differs" if len(changed) == 1 else "differ"
+            raise PPVAEError(
+                f"{flags} {verb} from the run being resumed; resume uses its saved options "
+                "(only --epochs, --device and --eval-samples may change) — start a new "
+                "--run-dir instead"
+            )
+        config = self.config.replace(**options)
+        if config != self.config:
+            atomic_write_json(config.to_dict(), self.path / CONFIG_FILE)
+        return Run(self.path, config, checkpoint=self.checkpoint, device=self.device)
+
+    def train(
+        self,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> TrainOutcome:
+        """Train (or with ``resume`` continue) to ``config.epochs``, then evaluate the best
+        checkpoint on the test split with ``config.eval_samples`` importance samples and draw
+        the figures into the run directory. ``log`` receives one line before training starts."""
+        from ppvae.inference.train import fit, resolve_device
+        from ppvae.plots.figures import run_figures
+
+        config, data = self.config, self.data
+        device = resolve_device(config.device)
+        auxiliary = self.preflight()
+        module = self.build_module()
+        objective = config.make_objective()
+        if log is not None:
+            log(f"{data.summary()}")
+            log(f"{type(module).__name__} on {device}, run directory {self.path}")
+        val_x, val_y = data.split("val")
+        tic = time.perf_counter()
+        result = fit(
+            module,
+            data.train,
+            loss=objective,
+            lr=config.lr,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            device=device,
+            validation=(val_x, val_y),
+            epoch_metrics=epoch_metrics(
+                objective, val_x[:1000], None if val_y is None else val_y[:1000]
+            ),
+            run_dir=self.path,
+            resume=resume,
+            seed=config.seed,
+            config=config.to_dict(),
+            progress=progress,
+        )
+        seconds = time.perf_counter() - tic
+        self.__dict__.pop("module", None)
+        best = self.restore("best", device)
+        evaluation = self._evaluate_into(
+            self.path,
+            best,
+            split="test",
+            num_samples=config.eval_samples,
+            batch_size=config.batch_size,
+            device=device,
+            seed=config.seed,
+            progress=progress,
+        )
+        written = [self.path / "checkpoint.pt", self.checkpoint_path("best")]
+        written += [self.path / "metrics.jsonl", *evaluation.written]
+        written += run_figures(best, data, self.path, result.history)
+        return TrainOutcome(result, evaluation.report, written, seconds, objective, auxiliary)
+
+    # -- derived results --------------------------------------------------------------------
+    def evaluate(
+        self,
+        *,
+        split: str = "test",
+        num_samples: int = 5000,
+        batch_size: int = 100,
+        seed: int = 0,
+        progress: bool = False,
+        folder: str | Path | None = None,
+    ) -> Evaluation:
+        """Evaluate :attr:`module` per data point of ``split`` (ELBO, IWAE ladder, log p(x),
+        gap, PSIS k̂) and write ``report.json`` and its figures into ``folder`` (default
+        ``RUN/evaluations/<split>-K<num_samples>``, ``-last`` added for the last checkpoint)."""
+        if folder is None:
+            suffix = "" if self.checkpoint == "best" else f"-{self.checkpoint}"
+            folder = self.path / "evaluations" / f"{split}-K{num_samples}{suffix}"
+        return self._evaluate_into(
+            Path(folder),
+            self.module,
+            split=split,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            device=self.device,
+            seed=seed,
+            progress=progress,
+        )
+
+    def _evaluate_into(self, folder: Path, module, *, split, num_samples, **options) -> Evaluation:
+        from ppvae.inference.evaluate import evaluate
+        from ppvae.plots.evaluation import plot_report
+
+        x, y = self.data.split(split)
+        ladder = tuple(k for k in (1, 5, 50, 500, 5000) if k < num_samples) + (num_samples,)
+        report = evaluate(module, (x, y), num_samples=num_samples, ladder=ladder, **options)
+        folder.mkdir(parents=True, exist_ok=True)
+        report.to_json(folder / REPORT_FILE)
+        return Evaluation(report, folder, [folder / REPORT_FILE, *plot_report(report, folder)])
+
+    def sample(
+        self,
+        num: int = 64,
+        *,
+        label: int | None = None,
+        out: str | Path | None = None,
+        seed: int = 0,
+    ) -> Path:
+        """Decode ``num`` draws from the prior (of class ``label`` for a conditional model) into
+        an image grid ``.png`` or an array ``.npy`` at ``out`` (default
+        ``RUN/samples/samples[_labelL][-last].png``). Returns the path written."""
+        import numpy as np
+
+        from ppvae.plots.figures import is_conditional
+        from ppvae.plots.samples import save_image_grid
+
+        out = self._sample_path(out, label)
+        module, data = self.module, self.data
+        if label is not None:
+            if not is_conditional(module):
+                raise PPVAEError(
+                    f"--label needs a conditional model (cvae); this run is {self.config.model}"
+                )
+            if not 0 <= label < data.num_classes:
+                raise PPVAEError(f"--label must be in 0..{data.num_classes - 1}, got {label}")
+        if out.suffix.lower() != ".npy" and data.image_shape is None:
+            raise PPVAEError("these data are not images; pass --out FILE.npy to save the samples")
+        torch.manual_seed(seed)
+        device = next(module.parameters()).device
+        labels = None
+        if label is not None:
+            labels = torch.full((num,), label, dtype=torch.long, device=device)
+        with torch.no_grad():
+            samples = module.sample_prior(num, labels).cpu()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.suffix.lower() == ".npy":
+                with open(out, "wb") as handle:  # np.save(path) would append ".npy" to ".NPY"
+                    np.save(handle, samples.numpy())
+            else:
+                title = f"{num} samples" + ("" if label is None else f", label {label}")
+                save_image_grid(samples, data.image_shape, out, title=title)
+        except OSError as error:
+            raise PPVAEError(f"cannot write --out {out}: {error.strerror or error}") from None
+        return out
+
+    def _sample_path(self, out: str | Path | None, label: int | None) -> Path:
+        if out is None:
+            name = "samples" + ("" if label is None else f"_label{label}")
+            name += "" if self.checkpoint == "best" else f"-{self.checkpoint}"
+            return self.path / "samples" / f"{name}.png"
+        path = Path(out).expanduser()
+        if path.is_dir():
+            raise PPVAEError(f"--out {out} is a directory; name a file in it")
+        if path.suffix.lower() not in SAMPLE_SUFFIXES:
+            kind = f"{path.suffix} files" if path.suffix else "a file without a suffix"
+            raise PPVAEError(
+                f"--out {out}: cannot write {kind}; use one of {', '.join(SAMPLE_SUFFIXES)}"
+            )
+        return path
+
+    def figures(self, folder: str | Path | None = None) -> list[Path]:
+        """Draw the run's figures for :attr:`module` into ``folder`` (default
+        ``RUN/figures/<checkpoint>``); returns the paths written."""
+        from ppvae.plots.figures import run_figures
+
+        folder = self.path / "figures" / self.checkpoint if folder is None else Path(folder)
+        return run_figures(self.module, self.data, folder, self.metrics or None)
+
+    def _remove_run_files(self) -> None:
+        """Before ``overwrite``: the training files and derived folders of the old run."""
+        if not self.path.is_dir():
+            return
+        for path in self.path.iterdir():
+            if path.is_dir() and path.name in DERIVED_FOLDERS:
+                shutil.rmtree(path)
+            elif path.is_file() and (path.name in RUN_FILES or path.suffix in (".pt", ".png")):
+                path.unlink()
+
+
+def load_run(path: str | Path, *, checkpoint: str = "best", device="auto") -> Run:
+    """The run in ``path`` (:meth:`Run.load`): ``load_run("runs/demo").module`` is its best
+    model, ``.data`` its data, ``.metrics`` / ``.report`` its records."""
+    return Run.load(path, checkpoint=checkpoint, device=device)
+
+
+def epoch_metrics(objective, x, y) -> Callable:
+    """Per-epoch extras for ``metrics.jsonl``: the objective's KL weight where it has one, and
+    the KL per latent dimension and active units on validation data (none for point-mass guides;
+    active units are ``null`` for discrete codes, where they are not defined)."""
+    from ppvae.inference.collapse import collapse_metrics
+
+    state = {"collapse": True}
+
+    def metrics(module) -> dict:
+        record = {}
+        if hasattr(objective, "kl_weight"):
+            record["kl_weight"] = float(objective.kl_weight)
+        if state["collapse"]:
+            device = next(module.parameters()).device
+            try:
+                record.update(
+                    collapse_metrics(module, x.to(device), None if y is None else y.to(device))
+                )
+            except PPVAEError:
+                state["collapse"] = False
+        return record
+
+    return metrics
