@@ -405,3 +405,23 @@ def test_train_every_model_from_the_cli(name, tmp_path, capsys):
         assert code == 0, err
         assert (run / "samples" / "samples_label3.png").read_bytes().startswith(b"\x89PNG")
         assert "samples_label3.png" in stdout
+
+
+def test_version_matches_the_package_metadata(capsys):
+    import importlib.metadata
+
+    import ppvae
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ppvae {ppvae.__version__}"
+    assert ppvae.__version__ == importlib.metadata.version("ppvae")
+    out = subprocess.run(
+        [sys.executable, "-m", "ppvae", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == f"ppvae {ppvae.__version__}"
