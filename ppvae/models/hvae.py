@@ -9,11 +9,18 @@
     q_φ(z_1 \\mid x) = \\mathcal{N}(μ_φ(x), \\operatorname{diag} σ_φ^2(x)), \\qquad
     q_φ(z_2 \\mid z_1) = \\mathcal{N}(μ_φ(z_1), \\operatorname{diag} σ_φ^2(z_1)).
 
-Sizes, with the paper's values as defaults: ``hidden`` (100, 100) deterministic units between x
-and z1, ``latent_dim`` = 100 units in z1, ``hidden2`` (50, 50) units between z1 and z2,
-``latent_dim2`` = 50 units in z2, tanh activations. The generative networks mirror the
+Sizes: ``hidden`` deterministic units between x and z1, ``latent_dim`` units in z1, ``hidden2``
+units between z1 and z2, ``latent_dim2`` units in z2; the generative networks mirror the
 inference networks. Both latents live in the ``"data"`` plate, so every estimator in
 ``ppvae.inference`` applies unchanged.
+
+Defaults are chosen to train on the default data (the 8×8 digits, 1,294 training points):
+16 units in z1, 8 in z2, one ReLU layer of 256 (x–z1) and of 128 (z1–z2), and
+:attr:`HVAE.training_defaults` (100 epochs; the validation ELBO still improves at 50). Measured
+(seed 0, Adam 1e-3, batch 100): 23 of 24 active units, validation ELBO −23.4 nats. The paper's
+MNIST sizes, :attr:`HVAE.PAPER_SIZES` (100 and 50 units, two tanh layers of 100 and of 50),
+collapse on the digits: 0 of 150 active units and an ELBO of −27.6 after 50 epochs, the same
+with a 10-epoch KL warm-up; free bits (0.1 nats per unit) keep all 150 units at ELBO −29.5.
 
 [1] Importance Weighted Autoencoders, Burda, Grosse, Salakhutdinov (2015).
 """
@@ -40,14 +47,21 @@ from ppvae.nets import MLP, make_net, split_gaussian
 class HVAE(nn.Module):
     """x -> z1 -> z2 and back; ``net="conv"`` uses the conv nets between x and z1."""
 
+    #: the IWAE paper's sizes for MNIST [1]: ``HVAE(784, **HVAE.PAPER_SIZES)``
+    PAPER_SIZES = dict(
+        latent_dim=100, latent_dim2=50, hidden=(100, 100), hidden2=(50, 50), activation="tanh"
+    )
+    #: training options that differ from the CLI's general defaults (module docstring)
+    training_defaults = {"epochs": 100}
+
     def __init__(
         self,
         input_dim: int,
-        latent_dim: int = 100,
-        latent_dim2: int = 50,
-        hidden: Sequence[int] = (100, 100),
-        hidden2: Sequence[int] = (50, 50),
-        activation: str = "tanh",
+        latent_dim: int = 16,
+        latent_dim2: int = 8,
+        hidden: Sequence[int] = (256,),
+        hidden2: Sequence[int] = (128,),
+        activation: str = "relu",
         likelihood: str = "bernoulli",
         net: str = "mlp",
         image_shape: Sequence[int] | None = None,

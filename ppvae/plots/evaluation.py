@@ -1,6 +1,8 @@
 """Figures of an :class:`~ppvae.inference.evaluate.EvaluationReport`: the bound ladder (mean
 k-sample bound against log k, log p(x) as its ceiling), and histograms of the per-point ELBO gap and
-of the PSIS k̂ of the importance weights. Reports without a likelihood bound get no figures."""
+of the PSIS k̂ of the importance weights. Only figures of numbers the report has: none without a
+likelihood bound (a point-mass guide) or with a one-hot guide (a VQ-VAE's: every rung equals the
+ELBO, the gap is 0 and k̂ is not estimated), and no k̂ histogram when K was too small for PSIS."""
 
 from __future__ import annotations
 
@@ -24,15 +26,17 @@ def plot_report(report: EvaluationReport | dict[str, Any], out_dir: str | Path) 
     """
     if isinstance(report, dict):
         report = EvaluationReport.from_dict(report)
-    if not report.likelihood_available:
-        return []
+    if not report.likelihood_available or report.point_mass_sites:
+        return []  # no bound, or (one-hot guide) every rung equals the ELBO and the gap is 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [
+    written = [
         _bound_ladder(report, out_dir / "bound_ladder.png"),
         _gap_hist(report, out_dir / "gap_hist.png"),
-        _khat_hist(report, out_dir / "khat_hist.png"),
     ]
+    if not torch.isnan(report.khat_per_point).all():  # k̂ needs K >= 25 samples
+        written.append(_khat_hist(report, out_dir / "khat_hist.png"))
+    return written
 
 
 def _save(fig, path: Path) -> Path:

@@ -64,22 +64,32 @@ def plot_reconstructions(module, x, y, image_shape, path, *, num: int = 16) -> P
     )
 
 
+def prior_samples_layout(y: torch.Tensor | None) -> tuple[int, str]:
+    """Columns and title of a prior-sample grid: labels that cycle 0, 1, ..., C−1 get one column
+    per label ("column c: label c"); one label for all says which; otherwise labels are as given."""
+    if y is None:
+        return 8, "samples from the prior"
+    y = y.reshape(-1).cpu()
+    if bool((y == y[0]).all()):
+        return 8, f"samples from the prior, label {int(y[0])}"
+    classes = int(y.max()) + 1
+    if torch.equal(y, torch.arange(len(y)) % classes):
+        return classes, f"samples from the prior: column c has label c (0–{classes - 1})"
+    return 8, "samples from the prior, one label per sample (as given)"
+
+
 @torch.no_grad()
 def plot_prior_samples(module, image_shape, path, *, num: int = 64, y=None) -> Path:
     samples = module.sample_prior(num, y)
-    title = "samples from the prior" + ("" if y is None else f" (label {int(y[0])})")
-    return save_image_grid(samples, image_shape, path, title=title)
+    ncols, title = prior_samples_layout(y)
+    return save_image_grid(samples, image_shape, path, ncols=ncols, title=title)
 
 
-def plot_training_curves(history: list[dict], path: str | Path) -> Path:
-    epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(epochs, [-r["train_loss"] for r in history], label="train (−loss per point)")
-    if history and "val_elbo" in history[0]:
-        ax.plot(epochs, [r["val_elbo"] for r in history], label="validation ELBO")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per data point")
-    ax.legend()
+def plot_training_curves(history: list[dict], path: str | Path, *, title: str = "training") -> Path:
+    """:func:`ppvae.plots.curves.training_curves_figure`, saved to ``path``."""
+    from ppvae.plots.curves import training_curves_figure
+
+    fig = training_curves_figure(history, title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
