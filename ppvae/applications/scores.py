@@ -316,6 +316,14 @@ def anomaly_scores(
     """
     if num_samples < 1:
         raise PPVAEError(f"num_samples must be >= 1, got {num_samples}")
+    for model in (module, background):
+        if hasattr(model, "check_data"):
+            try:
+                model.check_data(x)
+            except PPVAEError as error:
+                raise PPVAEError(
+                    f"the scores evaluate the model's likelihood at x: {error}"
+                ) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         log_w, nll = _neg_log_marginal(module, x, num_samples, chunk_size, data_plate)

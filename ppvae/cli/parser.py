@@ -17,7 +17,7 @@ import importlib
 
 from ppvae import __version__
 
-COMMANDS = ["train", "evaluate", "sample", "plot"]
+COMMANDS = ["train", "evaluate", "sample", "plot", "anomaly", "denoise"]
 
 
 class Parser(argparse.ArgumentParser):
