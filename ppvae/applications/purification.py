@@ -101,7 +101,7 @@ def corrupt(
     if level < 0 or (kind != "gaussian-noise" and level > 1):
         raise PPVAEError(f"corruption level {level} out of range for {kind}")
     generator = torch.Generator().manual_seed(seed)
-    x = x.detach().cpu().float()
+    device, x = x.device, x.detach().cpu().float()
     visible = torch.ones_like(x, dtype=torch.bool)
     if kind == "gaussian-noise":
         out = (x + level * torch.randn(x.shape, generator=generator)).clamp(0, 1)
@@ -124,7 +124,7 @@ def corrupt(
             grid[n, :, r : r + side, c : c + side] = False
         visible = grid.reshape(x.shape)
         out = torch.where(visible, x, torch.zeros_like(x))
-    return Corrupted(kind=kind, level=level, x=out, visible=visible)
+    return Corrupted(kind=kind, level=level, x=out.to(device), visible=visible.to(device))
 
 
 # --- traces of particles ------------------------------------------------------------------------
@@ -158,6 +158,11 @@ class MaskObserved(Messenger):
         msg["fn"] = masked.to_event(event_dims) if event_dims else masked
 
 
+def _cuda(x: torch.Tensor) -> list[torch.device]:
+    """The devices whose RNG a seeded block must fork: x's, when it is a CUDA device."""
+    return [x.device] if x.device.type == "cuda" else []
+
+
 def _base(fn):
     while hasattr(fn, "base_dist"):
         fn = fn.base_dist
@@ -171,7 +176,7 @@ def _sites(trace):
 
 
 def _plate_nesting(model, guide, x) -> int:
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x)):
         guide_trace = poutine.trace(guide).get_trace(x[:1])
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x[:1])
     frames = [
@@ -268,7 +273,7 @@ def importance_restore(
                 f"{error}"
             ) from None
     parts = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x)):
         torch.manual_seed(seed)
         nesting = _plate_nesting(module.model, module.guide, x)
         per_point = num_particles * max(1, x[0].numel())

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 from torch import nn
 
@@ -244,8 +245,6 @@ def train_background(
     values are perturbed and then redrawn every epoch like the foreground's. Ren et al. also add an
     L2 penalty (``weight_decay``). Returns ``ppvae.inference.fit``'s ``FitResult``.
     """
-    import pyro
-
     if isinstance(data, DynamicBinarization):
         perturbed = DynamicBinarization(perturb(data.x, rate, seed=seed), data.y, seed=data.seed)
     elif isinstance(data, torch.Tensor):
@@ -324,7 +323,7 @@ def anomaly_scores(
                 raise PPVAEError(
                     f"the scores evaluate the model's likelihood at x: {error}"
                 ) from None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
         log_w, nll = _neg_log_marginal(module, x, num_samples, chunk_size, data_plate)
         rec = reconstruction_error(module, x, data_plate=data_plate)
