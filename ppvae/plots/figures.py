@@ -1,5 +1,6 @@
-"""The figure set of a run: training curves, and for image data reconstructions, prior samples and,
-for a 2-D latent space, a latent map and a decoded manifold grid.
+"""The figure set of a run: training curves, a latent map (any continuous latent: exact in 2-D,
+else on two principal directions), and for image data reconstructions, prior samples, the
+decoder's manifold along the latent map's directions and interpolations.
 
 ``ppvae train`` writes them beside the run's checkpoints; ``ppvae plot`` (``Run.figures``)
 redraws them into a folder of their own. Each figure is drawn only where the model has what it
@@ -26,9 +27,8 @@ def run_figures(module, data, out_dir: str | Path, history: list[dict] | None) -
     """Draw the figures of ``module`` trained on ``data`` (a ``DataSplits``) into ``out_dir``;
     ``history`` is the run's ``metrics.jsonl`` records (no curves without it). Returns the
     paths written."""
+    from ppvae.plots.latent import write_latent_figures
     from ppvae.plots.samples import (
-        plot_latent_map,
-        plot_manifold_grid,
         plot_prior_samples,
         plot_reconstructions,
         plot_training_curves,
@@ -38,30 +38,26 @@ def run_figures(module, data, out_dir: str | Path, history: list[dict] | None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if history:
-        written.append(plot_training_curves(history, out_dir / "training_curves.png"))
-    if data.image_shape is None:
-        return written
+        title = f"{type(module).__name__} on {data.name}"
+        written.append(plot_training_curves(history, out_dir / "training_curves.png", title=title))
     device = next(module.parameters()).device
     x, y = data.split("test")
     x = x[:EVALUATION_POINTS].to(device)
     y = None if y is None else y[:EVALUATION_POINTS].to(device)
-    written.append(
-        plot_reconstructions(module, x, y, data.image_shape, out_dir / "reconstructions.png")
-    )
-    conditional = is_conditional(module)
-    labels = (torch.arange(64) % data.num_classes).to(device) if conditional else None
-    try:
+    if data.image_shape is not None:
         written.append(
-            plot_prior_samples(module, data.image_shape, out_dir / "samples.png", y=labels)
+            plot_reconstructions(module, x, y, data.image_shape, out_dir / "reconstructions.png")
         )
-    except PPVAEError:  # no prior to sample from (an autoencoder)
-        pass
-    if getattr(module, "latent_dim", None) == 2:
-        written.append(
-            plot_latent_map(module, x, y, out_dir / "latent_map.png", y=y if conditional else None)
-        )
-        if not conditional:
+        labels = None
+        if is_conditional(module):
+            labels = (torch.arange(64) % data.num_classes).to(device)
+        try:
             written.append(
-                plot_manifold_grid(module, data.image_shape, out_dir / "manifold_grid.png")
+                plot_prior_samples(module, data.image_shape, out_dir / "samples.png", y=labels)
             )
-    return written
+        except PPVAEError:  # no prior to sample from (an autoencoder)
+            pass
+    # latent map for any continuous latent (exact in 2-D, else on two principal directions);
+    # decoder manifold and interpolations for images (ppvae.plots.latent)
+    latent, _ = write_latent_figures(module, x, y, data.image_shape, out_dir)
+    return written + latent
