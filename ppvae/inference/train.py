@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from ppvae.checkpoint import (
     CHECKPOINT_FORMAT,
-    atomic_save,
     atomic_write_text,
+    commit_epoch,
     load_checkpoint,
     model_identity,
     refuse_existing_run,
@@ -508,6 +508,5 @@ def _save_epoch(module, svi: SVIStep, run_dir: Path, epoch: int, seed: int, conf
         "best_validation": result.best_validation,
         "validation_metric": result.validation_metric,
     }
-    atomic_save(checkpoint, run_dir / LAST_CHECKPOINT)
-    if result.best_epoch == epoch or result.best_epoch is None:
-        atomic_save(checkpoint, run_dir / BEST_CHECKPOINT)
+    # checkpoint.pt is the commit point; checkpoint-best.pt is kept at the epoch it names
+    commit_epoch(checkpoint, run_dir, is_best=result.best_epoch in (epoch, None))
