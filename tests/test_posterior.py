@@ -221,3 +221,37 @@ def test_bad_input_gets_one_line_errors():
     assert (idata.posterior["rate"].values > 0).all()
     with pytest.raises(PPVAEError, match="different points"):
         compare_posteriors(idata, posterior(positive, counts[:1], num_samples=30))
+
+
+def test_figures_draw_the_posteriors_they_are_given(tmp_path):
+    from ppvae.plots.posterior import plot_overlay, point_draws, write_posterior_figures
+
+    module = make_model(latent_dim=2, factor=0.6)
+    x = data(module, 3)
+    guide = posterior(
+        module, x, method="guide", num_samples=100, num_chains=2, point_coords=[5, 6, 9]
+    )
+    resampled = posterior(
+        module, x, method="importance", num_samples=100, num_chains=2, point_coords=[5, 6, 9]
+    )
+    draws = point_draws(guide, 6)
+    np.testing.assert_array_equal(draws[:100], guide.posterior["z"].values[0, :, 1])
+    fig = plot_overlay({"guide": guide, "PSIS": resampled}, 6, max_draws=150)
+    clouds = [c.get_offsets() for c in fig.axes[0].collections]
+    np.testing.assert_array_equal(clouds[0], draws[:150])
+    np.testing.assert_array_equal(clouds[1], point_draws(resampled, 6)[:150])
+    written = write_posterior_figures(
+        {"guide": guide, "PSIS": resampled}, tmp_path, reference="PSIS", max_overlays=2
+    )
+    names = sorted(p.name for p in written)
+    assert names == [
+        "comparison.png",
+        "khat.png",
+        "overlay-5.png",
+        "overlay-6.png",
+        "pair-5.png",
+        "pair-6.png",
+    ]
+    assert all(p.stat().st_size > 1000 for p in written)
+    with pytest.raises(PPVAEError, match="point 4 is not in the posterior"):
+        point_draws(guide, 4)
