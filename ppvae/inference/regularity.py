@@ -538,3 +538,26 @@ def collapse_warning(active_units: int | None, latent_units: int | None) -> str 
         "so the decoder ignores most of z (samples and reconstructions look alike); retrain with "
         "free bits (--free-bits 0.1), a KL warm-up (--kl-warmup 10) or fewer latent units"
     )
+
+
+# --- everything, for a table ---------------------------------------------------------------------
+
+
+def regularity_summary(
+    module, x: torch.Tensor, y: torch.Tensor | None = None, *, seed: int = 0
+) -> dict[str, dict]:
+    """:func:`continuity`, :func:`completeness` and :func:`elbo_surgery` on the points of ``x``
+    as JSON-ready dicts; a measure that does not exist for the model (a discrete latent, a
+    program without one) becomes ``{"note": why}``."""
+    out: dict[str, dict] = {}
+    measures = {
+        "continuity": lambda: continuity(module, x, y, seed=seed).to_dict(),
+        "completeness": lambda: completeness(module, x, y, seed=seed).to_dict(),
+        "elbo_surgery": lambda: elbo_surgery(module, x, y, seed=seed).to_dict(),
+    }
+    for name, measure in measures.items():
+        try:
+            out[name] = measure()
+        except PPVAEError as error:
+            out[name] = {"note": str(error)}
+    return out

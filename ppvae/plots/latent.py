@@ -131,7 +131,7 @@ def _module_device(module) -> torch.device:
     return torch.device("cpu") if parameter is None else parameter.device
 
 
-def _show(ax, images: torch.Tensor, image_shape: Sequence[int], ncols: int) -> None:
+def show_images(ax, images: torch.Tensor, image_shape: Sequence[int], ncols: int) -> None:
     ax.imshow(
         _tile(images, image_shape, ncols), cmap="gray", vmin=0, vmax=1, interpolation="nearest"
     )
@@ -208,7 +208,7 @@ def manifold_figure(
     _, images = manifold_grid(decode_fn, projection, steps=steps)
     fig = ax.figure if ax is not None else plt.figure(figsize=(6, 6.3))
     ax = ax if ax is not None else fig.add_subplot()
-    _show(ax, images.reshape(steps * steps, -1), image_shape, steps)
+    show_images(ax, images.reshape(steps * steps, -1), image_shape, steps)
     where = (
         "the latent plane"
         if projection.exact
@@ -249,7 +249,7 @@ def interpolation_figure(
     rows = torch.cat([x[first, None].cpu(), path.images.cpu(), x[second, None].cpu()], dim=1)
     fig = ax.figure if ax is not None else plt.figure(figsize=((steps + 2) * 0.6, num_pairs * 0.7))
     ax = ax if ax is not None else fig.add_subplot()
-    _show(ax, rows.reshape(-1, rows.shape[-1]), image_shape, steps + 2)
+    show_images(ax, rows.reshape(-1, rows.shape[-1]), image_shape, steps + 2)
     conditioned = "" if y is None else ", decoded with the first label"
     ax.set_title(f"{method} interpolation in z (ends: the inputs){conditioned}", fontsize=9)
     return fig
