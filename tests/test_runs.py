@@ -179,14 +179,14 @@ def test_create_refuses_an_existing_run_and_overwrite_replaces_it(trained, tmp_p
     (copy / "evaluations" / "test-K9").mkdir(parents=True)
     (copy / "notes.txt").write_text("mine")
     replaced = Run.create(copy, model="ae", overwrite=True, **TINY)
-    assert sorted(p.name for p in copy.iterdir()) == ["config.json", "notes.txt"]
+    assert sorted(p.name for p in copy.iterdir()) == [".lock", "config.json", "notes.txt"]
     assert Run.load(copy).config == replaced.config and replaced.config.model == "ae"
 
 
 def test_resume_with_records_epochs_and_refuses_other_changes(trained, tmp_path):
     run, _ = trained
-    with pytest.raises(PPVAEError, match=r"--latent-dim, --lr differ from the run being resumed"):
-        run.resume_with(latent_dim=3, lr=0.1, epochs=4)
+    with pytest.raises(PPVAEError, match=r"--batch-size, --latent-dim differ from the run being"):
+        run.resume_with(latent_dim=3, batch_size=10, epochs=4)
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "config.json").write_bytes((run.path / "config.json").read_bytes())

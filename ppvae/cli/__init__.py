@@ -28,6 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PPVAEError as error:
         print(f"ppvae {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a read-only folder: what the library did not catch
+        where = f" {error.filename}" if error.filename else ""
+        print(
+            f"ppvae {args.command}: error: cannot read or write{where}: "
+            f"{error.strerror or error}; free space or fix permissions",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(
             f"ppvae {args.command}: interrupted; completed epochs are checkpointed — "

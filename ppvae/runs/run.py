@@ -26,10 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ppvae.checkpoint import atomic_write_json, refuse_existing_run
+from ppvae.checkpoint import (
+    LAST_CHECKPOINT,
+    atomic_write_json,
+    atomic_write_text,
+    best_checkpoint,
+    refuse_existing_run,
+)
 from ppvae.errors import PPVAEError
 from ppvae.runs.config import RunConfig, flag
-from ppvae.runs.training import TrainOutcome, build_model, epoch_metrics, preflight
+from ppvae.runs.directory import RunLock, remove_temporary_files
+from ppvae.runs.training import TrainOutcome, build_model, preflight, train_run
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
@@ -38,7 +45,7 @@ CHECKPOINTS = ("best", "last")
 DERIVED_FOLDERS = ("evaluations", "samples", "figures")
 SAMPLE_SUFFIXES = (".png", ".npy")
 # options that may change when a run is resumed: none of them changes the model or the data
-RESUMABLE = ("epochs", "eval_samples", "device")
+RESUMABLE = ("epochs", "eval_samples", "device", "lr")
 
 
 @dataclass
@@ -73,6 +80,8 @@ class Run:
         self.config = config
         self.checkpoint = checkpoint
         self.device = device
+        self.notices: list[str] = []  # what the run's writer cleaned up or repaired
+        self._lock = RunLock(self.path)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, model={self.config.model!r})"
@@ -102,14 +111,34 @@ class Run:
         refuse_existing_run(path, resume=False, overwrite=overwrite)
         run = cls(path, config)
         run.preflight()
-        if overwrite:
-            run._remove_run_files()
         try:
             run.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise PPVAEError(f"cannot create --run-dir {run.path}: {error.strerror}") from None
-        atomic_write_json(config.to_dict(), run.path / CONFIG_FILE)
+        run.take_lock()
+        refuse_existing_run(path, resume=False, overwrite=overwrite)  # under the lock now
+        if overwrite:
+            run._remove_run_files()
+        try:
+            atomic_write_json(config.to_dict(), run.path / CONFIG_FILE)
+        except OSError as error:
+            raise PPVAEError(f"cannot write {run.path / CONFIG_FILE}: {error.strerror}") from None
         return run
+
+    def take_lock(self) -> None:
+        """Become the one writer of the run directory (:class:`~ppvae.runs.directory.RunLock`)
+        and remove what interrupted writes left; notices go to :attr:`notices`."""
+        notice = self._lock.acquire()
+        if notice:
+            self.notices.append(notice)
+        removed = remove_temporary_files(self.path)
+        if removed:
+            self.notices.append(
+                f"removed {len(removed)} temporary file(s) of interrupted writes from {self.path}"
+            )
+
+    def release_lock(self) -> None:
+        self._lock.release()
 
     @classmethod
     def load(cls, path: str | Path, *, checkpoint: str = "best", device="auto") -> Run:
@@ -148,12 +177,11 @@ class Run:
         return self.restore(self.checkpoint, self.device)
 
     def checkpoint_path(self, checkpoint: str = "best") -> Path:
-        """``checkpoint-best.pt`` (``checkpoint.pt`` before the first validation) or
-        ``checkpoint.pt``."""
-        from ppvae.inference.train import BEST_CHECKPOINT, LAST_CHECKPOINT
-
-        path = self.path / (BEST_CHECKPOINT if checkpoint == "best" else LAST_CHECKPOINT)
-        return path if path.exists() or checkpoint == "last" else self.path / LAST_CHECKPOINT
+        """The file of the ``best`` checkpoint (:func:`~ppvae.checkpoint.best_checkpoint`: the
+        one holding the epoch ``checkpoint.pt`` names as best) or of the ``last`` one."""
+        if checkpoint == "last":
+            return self.path / LAST_CHECKPOINT
+        return best_checkpoint(self.path)
 
     def restore(self, checkpoint: str = "best", device="auto") -> nn.Module:
         """A new module holding the weights of the ``best`` or ``last`` checkpoint."""
@@ -196,8 +224,9 @@ class Run:
         return preflight(self.config, self.data, self.build_module())
 
     def resume_with(self, **options: Any) -> Run:
-        """This run with the options a resumed run may change (``epochs``, ``eval_samples``,
-        ``device``) recorded in ``config.json``; other options must equal the saved ones."""
+        """This run with the options a resumed run may change (``epochs``, ``lr``,
+        ``eval_samples``, ``device``) recorded in ``config.json``; other options must equal the
+        saved ones. The returned run holds this one's lock."""
         saved = self.config.flat()
         changed = sorted(
             k for k, v in options.items() if k not in RESUMABLE and saved.get(k, v) != v
@@ -207,13 +236,21 @@ class Run:
             verb = "differs" if len(changed) == 1 else "differ"
             raise PPVAEError(
                 f"{flags} {verb} from the run being resumed; resume uses its saved options "
-                "(only --epochs, --device and --eval-samples may change) — start a new "
+                "(only --epochs, --lr, --device and --eval-samples may change) — start a new "
                 "--run-dir instead"
             )
         config = self.config.replace(**options)
+        resumed = Run(self.path, config, checkpoint=self.checkpoint, device=self.device)
+        resumed._lock, resumed.notices = self._lock, self.notices
         if config != self.config:
-            atomic_write_json(config.to_dict(), self.path / CONFIG_FILE)
-        return Run(self.path, config, checkpoint=self.checkpoint, device=self.device)
+            resumed.take_lock()
+            try:
+                atomic_write_json(config.to_dict(), self.path / CONFIG_FILE)
+            except OSError as error:
+                raise PPVAEError(
+                    f"cannot write {self.path / CONFIG_FILE}: {error.strerror}"
+                ) from None
+        return resumed
 
     def train(
         self,
@@ -224,55 +261,12 @@ class Run:
     ) -> TrainOutcome:
         """Train (or with ``resume`` continue) to ``config.epochs``, then evaluate the best
         checkpoint on the test split with ``config.eval_samples`` importance samples and draw
-        the figures into the run directory. ``log`` receives one line before training starts."""
-        from ppvae.inference.train import fit, resolve_device
-        from ppvae.plots.figures import run_figures
-
-        config, data = self.config, self.data
-        device = resolve_device(config.device)
-        auxiliary = self.preflight()
-        module = self.build_module()
-        objective = config.make_objective()
-        if log is not None:
-            log(f"{data.summary()}")
-            log(f"{type(module).__name__} on {device}, run directory {self.path}")
-        val_x, val_y = data.split("val")
-        tic = time.perf_counter()
-        result = fit(
-            module,
-            data.train,
-            loss=objective,
-            lr=config.lr,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            device=device,
-            validation=(val_x, val_y),
-            epoch_metrics=epoch_metrics(
-                objective, val_x[:1000], None if val_y is None else val_y[:1000]
-            ),
-            run_dir=self.path,
-            resume=resume,
-            seed=config.seed,
-            config=config.to_dict(),
-            progress=progress,
-        )
-        seconds = time.perf_counter() - tic
+        the figures into the run directory (:func:`ppvae.runs.training.train_run`: the lock,
+        the clean-up of interrupted writes, the completion of a finished run). ``log`` receives
+        the lines worth showing before training starts."""
+        outcome = train_run(self, resume=resume, progress=progress, log=log)
         self.__dict__.pop("module", None)
-        best = self.restore("best", device)
-        evaluation = self._evaluate_into(
-            self.path,
-            best,
-            split="test",
-            num_samples=config.eval_samples,
-            batch_size=config.batch_size,
-            device=device,
-            seed=config.seed,
-            progress=progress,
-        )
-        written = [self.path / "checkpoint.pt", self.checkpoint_path("best")]
-        written += [self.path / "metrics.jsonl", *evaluation.written]
-        written += run_figures(best, data, self.path, result.history)
-        return TrainOutcome(result, evaluation.report, written, seconds, objective, auxiliary)
+        return outcome
 
     # -- derived results --------------------------------------------------------------------
     def evaluate(
@@ -303,15 +297,22 @@ class Run:
         )
 
     def _evaluate_into(self, folder: Path, module, *, split, num_samples, **options) -> Evaluation:
-        from ppvae.inference.evaluate import evaluate
         from ppvae.plots.evaluation import plot_report
+
+        report = self.report_of(module, split=split, num_samples=num_samples, **options)
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = plot_report(report, folder)
+        atomic_write_text(report.to_json(), folder / REPORT_FILE)  # last: the folder is complete
+        return Evaluation(report, folder, [folder / REPORT_FILE, *figures])
+
+    def report_of(self, module, *, split: str, num_samples: int, **options):
+        """``ppvae.inference.evaluate`` of ``module`` on ``split`` with the ladder
+        1, 5, 50, 500, 5000 below ``num_samples``; nothing is written."""
+        from ppvae.inference.evaluate import evaluate
 
         x, y = self.data.split(split)
         ladder = tuple(k for k in (1, 5, 50, 500, 5000) if k < num_samples) + (num_samples,)
-        report = evaluate(module, (x, y), num_samples=num_samples, ladder=ladder, **options)
-        folder.mkdir(parents=True, exist_ok=True)
-        report.to_json(folder / REPORT_FILE)
-        return Evaluation(report, folder, [folder / REPORT_FILE, *plot_report(report, folder)])
+        return evaluate(module, (x, y), num_samples=num_samples, ladder=ladder, **options)
 
     def sample(
         self,

@@ -3,6 +3,7 @@ per-epoch metrics, and the outcome of training."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,111 @@ def epoch_metrics(objective, x, y) -> Callable:
         return record
 
     return metrics
+
+
+def train_run(run, *, resume: bool, progress: bool, log: Callable[[str], None] | None):
+    """The body of :meth:`ppvae.Run.train`.
+
+    As the run's one writer (its lock), with the leftovers of interrupted writes removed and,
+    on resume, ``checkpoint-best.pt`` repaired where a kill left it behind ``checkpoint.pt``:
+    train to ``config.epochs`` (a changed ``lr`` applies from the next epoch), then evaluate
+    the best checkpoint and draw the figures, writing ``report.json`` last. A resumed run whose
+    epochs are all trained but whose ``report.json`` is missing (a kill after the last epoch) is
+    completed without training. Write errors (a full disk, a read-only folder) are one line.
+    """
+    from ppvae.checkpoint import LAST_CHECKPOINT, best_checkpoint, load_checkpoint
+    from ppvae.inference.train import fit, read_metrics, resolve_device
+
+    config, data, path = run.config, run.data, Path(run.path)
+    show = log if log is not None else (lambda line: None)
+    device = resolve_device(config.device)
+    auxiliary = run.preflight()
+    objective = config.make_objective()
+    try:
+        run.take_lock()
+        if resume:
+            saved = load_checkpoint(path / LAST_CHECKPOINT)
+            if best_checkpoint(path) != best_checkpoint(path, repair=True):
+                run.notices.append(
+                    f"checkpoint-best.pt was behind checkpoint.pt (a kill between their writes); "
+                    f"restored epoch {saved['best_epoch']} from checkpoint.pt"
+                )
+        for notice in run.notices:
+            show(f"note: {notice}")
+        run.notices.clear()
+        module = run.build_module()
+        show(data.summary())
+        show(f"{type(module).__name__} on {device}, run directory {path}")
+        tic = time.perf_counter()
+        if resume and saved["epoch"] >= config.epochs and not (path / "report.json").exists():
+            result = _finished(saved, read_metrics(path))  # only the report is missing
+        else:
+            val_x, val_y = data.split("val")
+            result = fit(
+                module,
+                data.train,
+                loss=objective,
+                lr=config.lr,
+                lr_schedule=(lambda epoch: config.lr) if resume else None,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                device=device,
+                validation=(val_x, val_y),
+                epoch_metrics=epoch_metrics(
+                    objective, val_x[:1000], None if val_y is None else val_y[:1000]
+                ),
+                run_dir=path,
+                resume=resume,
+                seed=config.seed,
+                config=config.to_dict(),
+                progress=progress,
+            )
+        seconds = time.perf_counter() - tic
+        report, written = _report_and_figures(run, device, progress, result.history)
+    except OSError as error:
+        where = error.filename or path
+        raise PPVAEError(
+            f"cannot write {where}: {error.strerror or error}; the last complete checkpoint is "
+            "kept — free space or fix permissions, then add --resume"
+        ) from None
+    finally:
+        run.release_lock()
+    return TrainOutcome(result, report, written, seconds, objective, auxiliary)
+
+
+def _finished(checkpoint: dict, history: list[dict]):
+    """A ``FitResult`` for a run whose epochs are all trained."""
+    from ppvae.inference.train import FitResult
+
+    return FitResult(
+        history=history,
+        best_epoch=checkpoint.get("best_epoch"),
+        best_validation=checkpoint.get("best_validation"),
+        validation_metric=checkpoint.get("validation_metric"),
+        resumed_from_epoch=checkpoint["epoch"],
+        epochs_this_call=0,
+    )
+
+
+def _report_and_figures(run, device, progress: bool, history: list[dict]):
+    """The best checkpoint's test report and the run's figures; ``report.json`` is written last,
+    so its presence says the run is complete."""
+    from ppvae.checkpoint import LAST_CHECKPOINT, atomic_write_text
+    from ppvae.plots.evaluation import plot_report
+    from ppvae.plots.figures import run_figures
+
+    path, config = Path(run.path), run.config
+    best = run.restore("best", device)
+    report = run.report_of(
+        best,
+        split="test",
+        num_samples=config.eval_samples,
+        batch_size=config.batch_size,
+        device=device,
+        seed=config.seed,
+        progress=progress,
+    )
+    written = [path / LAST_CHECKPOINT, run.checkpoint_path("best"), path / "metrics.jsonl"]
+    figures = plot_report(report, path) + run_figures(best, run.data, path, history)
+    atomic_write_text(report.to_json(), path / "report.json")
+    return report, [*written, path / "report.json", *figures]
