@@ -255,3 +255,66 @@ def test_figures_draw_the_posteriors_they_are_given(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
     with pytest.raises(PPVAEError, match="point 4 is not in the posterior"):
         point_draws(guide, 4)
+
+
+def test_cli_writes_the_library_posterior_and_refuses_bad_points(tmp_path, capsys):
+    import contextlib
+    import io
+    import json
+
+    import arviz as az
+
+    from ppvae.cli import main
+    from ppvae.runs import load_run
+
+    run = tmp_path / "run"
+    train = ["train", "--run-dir", str(run), "--model", "linear-gaussian", "--latent-dim", "2"]
+    train += ["--epochs", "1", "--limit", "100", "--batch-size", "50", "--test-fraction", "0.05"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(train + ["--eval-samples", "5", "--no-progress"]) == 0
+    argv = ["posterior", str(run), "--points", "0", "2", "--method", "guide", "importance"]
+    assert main(argv + ["--num-samples", "30", "--num-chains", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "guide vs importance, z" in out
+    folder = run / "posterior" / "test"
+    assert {p.name for p in folder.iterdir()} == {
+        "guide.nc",
+        "importance.nc",
+        "comparison.json",
+        "khat.png",
+        "comparison.png",
+        "overlay-0.png",
+        "overlay-2.png",
+        "pair-0.png",
+        "pair-2.png",
+    }
+    # the files hold the library's draws for the same seed and points
+    opened = load_run(run)
+    x, y = opened.data.split("test")
+    drawn = {
+        method: posterior(
+            opened.module,
+            x[[0, 2]],
+            y[[0, 2]],
+            method=method,
+            num_samples=30,
+            num_chains=2,
+            point_coords=[0, 2],
+        )
+        for method in ("guide", "importance")
+    }
+    for method, idata in drawn.items():
+        loaded = az.from_netcdf(str(folder / f"{method}.nc"))
+        assert loaded.posterior.equals(idata.posterior), method
+        np.testing.assert_array_equal(loaded.observed_data["x"].values, x[[0, 2]].numpy())
+    document = json.loads((folder / "comparison.json").read_text())
+    expected = compare_posteriors(drawn["guide"], drawn["importance"])["z"]
+    np.testing.assert_allclose(
+        document["sites"]["z"]["variance_ratio"], expected["variance_ratio"].values
+    )
+    # bad points: one line, exit code 2, nothing written
+    code = main(["posterior", str(run), "--points", "0", "999", "--out", str(tmp_path / "no")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--points 999 out of range: the test split has" in err
+    assert not (tmp_path / "no").exists()
