@@ -445,8 +445,8 @@ def simulate(model: Callable, like: torch.Tensor, y=None, *, data_plate: str | N
     data = ProgramData.of(like, y)
     with torch.no_grad():
         trace = poutine.trace(poutine.uncondition(model)).get_trace(*data.args, **data.kwargs)
-    observed = [(n, s) for n, s in sample_sites(trace) if s["is_observed"]]
-    # uncondition samples observed sites but keeps their is_observed flag
+    sites = list(sample_sites(trace))
+    observed = [(n, s) for n, s in sites if s["infer"].get("was_observed")]  # set by uncondition
     if len(observed) != 1 or observed[0][1]["value"].numel() != like.numel():
         raise ContractError(
             f"BDMC simulates x from the model's one observed site, but the model has "
@@ -454,7 +454,7 @@ def simulate(model: Callable, like: torch.Tensor, y=None, *, data_plate: str | N
             f"size differs from x; use ais_log_marginal on real data instead"
         )
     x = observed[0][1]["value"].reshape(like.shape).to(like.dtype)
-    latents = {n: s["value"] for n, s in sample_sites(trace) if not s["is_observed"]}
+    latents = {n: s["value"] for n, s in sites if not s["infer"].get("was_observed")}
     return x, latents
 
 
