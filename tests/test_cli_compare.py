@@ -52,3 +52,49 @@ def test_compare_refuses_a_folder_that_is_not_a_run(runs, tmp_path, capsys):
     code = main(["compare", str(runs / "vae"), str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "not a ppvae run directory" in err and len(err.strip().splitlines()) == 1
+
+
+# --- the other CLI pieces of issue 12 -------------------------------------------------------------
+
+
+def test_eval_points_reach_the_report_of_train_and_evaluate(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run), "--epochs", "1", "--eval-samples", "5"]
+    assert main([*argv, "--eval-points", "50", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    assert (report["num_points"], report["split_points"]) == (50, 359)
+    assert "50 of 359 (seeded subset)" in printed
+    assert json.loads((run / "config.json").read_text())["eval_points"] == 50
+    argv = ["evaluate", str(run), "--num-samples", "5", "--eval-points", "30", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((run / "evaluations" / "test-K5-N30" / "report.json").read_text())
+    assert (report["num_points"], report["split_points"]) == (30, 359)
+    assert "30 of 359 (seeded subset, seed 0)" in capsys.readouterr().out
+
+
+def test_vqvae_codebook_usage_reads_as_codes_used(tmp_path, capsys):
+    argv = ["train", "--model", "vqvae", "--run-dir", str(tmp_path / "vq"), "--epochs", "1"]
+    assert main([*argv, "--eval-samples", "2", "--no-progress"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "codebook usage" in line][0]
+    report = json.loads((tmp_path / "vq" / "report.json").read_text())
+    usage = report["extra"]["codebook_usage"]
+    assert f"{round(usage * 64)} of 64 codes ({100 * usage:.0f} %)" in row  # measured: 6 of 64
+
+
+def test_a_collapsed_run_prints_a_warning_with_the_fix(tmp_path, capsys):
+    argv = ["train", "--run-dir", str(tmp_path / "c"), "--epochs", "3", "--beta", "50"]
+    assert main([*argv, "--eval-samples", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["active_units"] == 0  # measured: a KL weight of 50 switches every unit off
+    assert "posterior collapse: 0 of 8 latent units are active" in err and "--free-bits" in err
+
+
+def test_model_training_defaults_fill_options_not_given():
+    from ppvae.runs.config import RunConfig
+
+    assert RunConfig.from_options(model="hvae").epochs == 100
+    assert RunConfig.from_options(model="hvae", epochs=3).epochs == 3
+    assert RunConfig.from_options(model="linear-gaussian").lr == 0.01
+    assert RunConfig.from_options(model="vae").epochs == 50

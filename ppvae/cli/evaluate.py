@@ -43,6 +43,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=100,
         help="data points per batch (default: %(default)s)",
     )
+    parser.add_argument(
+        "--eval-points",
+        type=typed(POSITIVE_INT),
+        default=None,
+        help="evaluate a seeded subset of this many points of the split (default: all)",
+    )
     add_checkpoint_option(parser)
     add_common_options(parser)
     return parser
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=args.progress,
+        num_points=args.eval_points,
     )
     print(evaluation.report.summary_table())
     print_table(

@@ -45,6 +45,19 @@ def default(name: str) -> Any:
     return DEFAULTS[name].default
 
 
+def training_default(name: str) -> str:
+    """``50; 100 for hvae``: the field's default and the models' ``training_defaults``."""
+    from ppvae.models import MODELS
+
+    special = [
+        f"{value} for {model}"
+        for model, cls in sorted(MODELS.items())
+        for key, value in getattr(cls, "training_defaults", {}).items()
+        if key == name
+    ]
+    return "; ".join([str(default(name)), *special])
+
+
 def given_run_options(args: argparse.Namespace) -> dict[str, Any]:
     """The run options (fields of ``RunConfig`` and model options) the user typed."""
     names = [n for n in DEFAULTS if n != "model_options"] + list(MODEL_OPTIONS)
@@ -164,7 +177,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--epochs",
         type=typed(POSITIVE_INT),
         default=None,
-        help=f"total epochs (default: {default('epochs')})",
+        help=f"total epochs (default: {training_default('epochs')})",
     )
     group.add_argument(
         "--batch-size",
@@ -176,7 +189,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=typed(POSITIVE_FLOAT),
         default=None,
-        help=f"Adam learning rate (default: {default('lr')})",
+        help=f"Adam learning rate (default: {training_default('lr')})",
     )
     group.add_argument(
         "--objective",
@@ -220,6 +233,13 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         type=typed(POSITIVE_INT),
         default=None,
         help=f"importance samples for the final test log p(x) (default: {default('eval_samples')})",
+    )
+    group.add_argument(
+        "--eval-points",
+        type=typed(POSITIVE_INT),
+        default=None,
+        help="test points for the final evaluation, a seeded subset (default: "
+        f"{default('eval_points')}; all when the test split is smaller)",
     )
 
 

@@ -17,7 +17,7 @@ import importlib
 
 from ppvae import __version__
 
-COMMANDS = ["train", "evaluate", "sample", "plot", "anomaly", "denoise", "posterior"]
+COMMANDS = ["train", "evaluate", "sample", "plot", "compare", "anomaly", "denoise", "posterior"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ppvae.cli.options import (
@@ -14,6 +15,7 @@ from ppvae.cli.options import (
     print_table,
 )
 from ppvae.errors import PPVAEError
+from ppvae.inference.regularity import collapse_warning
 from ppvae.runs import Run
 
 
@@ -62,12 +64,17 @@ def run(args: argparse.Namespace) -> int:
         epochs_row(outcome.result, outcome.seconds),
         train_row(outcome.objective, outcome.result, outcome.report, outcome.auxiliary_losses),
         validation_row(outcome.result),
-        *report_rows(outcome.report),
+        *report_rows(
+            outcome.report, codebook_size=training.config.model_options.get("codebook_size")
+        ),
         ("wrote", ", ".join(p.name for p in outcome.written)),
         ("in", str(training.path)),
     ]
     print(f"ppvae: done (test rows: the best checkpoint on the test split of {training.data.name})")
     print_table(rows)
+    warning = collapse_warning(outcome.report.active_units, outcome.report.latent_units)
+    if warning is not None:
+        print(f"ppvae: {warning}", file=sys.stderr)
     return 0
 
 
@@ -108,14 +115,19 @@ def validation_row(result) -> tuple[str, str]:
     return ("val ELBO", f"{result.best_validation:.3f} (best epoch)")
 
 
-def report_rows(report) -> list[tuple[str, str]]:
-    """Rows for an ``EvaluationReport``: log p(x) and the gap only where they are estimates."""
+def report_rows(report, *, codebook_size: int | None = None) -> list[tuple[str, str]]:
+    """Rows for an ``EvaluationReport``: log p(x) and the gap only where they are estimates;
+    the test points when they are a seeded subset; codebook usage as "k of K codes (p %)"."""
+    rows = []
+    split_points = getattr(report, "split_points", None)
+    if split_points is not None and split_points != report.num_points:
+        rows.append(("test points", f"{report.num_points} of {split_points} (seeded subset)"))
     if not report.likelihood_available:
-        rows = [("likelihood", report.note)]
+        rows += [("likelihood", report.note)]
     elif report.point_mass_sites:
-        rows = [("test ELBO", f"{report.elbo:.3f} ({report.one_hot_note})")]
+        rows += [("test ELBO", f"{report.elbo:.3f} ({report.one_hot_note})")]
     else:
-        rows = [
+        rows += [
             ("test ELBO", f"{report.elbo:.3f}"),
             ("test log p(x)", f"{report.log_px:.3f} (K={report.num_samples})"),
             ("ELBO gap", f"{report.gap:.3f} nats"),
@@ -127,5 +139,12 @@ def report_rows(report) -> list[tuple[str, str]]:
         rows.append(("recon MSE", f"{report.reconstruction_mse:.4f}"))
     if report.reconstruction_bce is not None:
         rows.append(("recon BCE", f"{report.reconstruction_bce:.3f} nats/point"))
-    rows += [(name.replace("_", " "), f"{value:.4g}") for name, value in report.extra.items()]
+    for name, value in report.extra.items():
+        if name == "codebook_usage" and codebook_size:
+            used = round(value * codebook_size)
+            rows.append(
+                ("codebook usage", f"{used} of {codebook_size} codes ({100 * value:.0f} %)")
+            )
+        else:
+            rows.append((name.replace("_", " "), f"{value:.4g}"))
     return rows

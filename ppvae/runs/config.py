@@ -184,6 +184,7 @@ def _field_checks() -> dict[str, Callable[[Any, str], Any]]:
         "kl_warmup": COUNT.validate,
         "free_bits": NONNEGATIVE_FLOAT.validate,
         "eval_samples": POSITIVE_INT.validate,
+        "eval_points": _optional(POSITIVE_INT),
         "seed": SEED.validate,
         "device": _text,
     }
@@ -216,6 +217,7 @@ class RunConfig:
     kl_warmup: int = 0
     free_bits: float = 0.0
     eval_samples: int = 1000
+    eval_points: int | None = 1000  # a seeded subset of the test split; None: all of it
     seed: int = 0
     device: str = "auto"
 
@@ -240,7 +242,15 @@ class RunConfig:
     @classmethod
     def from_options(cls, **options: Any) -> RunConfig:
         """A configuration from flat options, as the command line gives them: model options
-        (``latent_dim=2``) beside the run's fields (``epochs=3``)."""
+        (``latent_dim=2``) beside the run's fields (``epochs=3``). Training options not given
+        take the model class's ``training_defaults`` where it has them (the HVAE's epochs, the
+        linear-Gaussian model's learning rate), else the fields' defaults."""
+        from ppvae.models import MODELS
+
+        name = options.get("model", cls.model)
+        model = MODELS.get(name) if isinstance(name, str) else None
+        for key, value in getattr(model, "training_defaults", {}).items():
+            options.setdefault(key, value)
         fields = {f.name for f in dataclasses.fields(cls)} - {"model_options"}
         model_options = {k: options.pop(k) for k in list(options) if k in MODEL_OPTIONS}
         unknown = sorted(set(options) - fields)
@@ -282,6 +292,7 @@ class RunConfig:
             data.pop("run_dir", None)
             legacy = {k: data.pop(k) for k in MODEL_OPTIONS if k in data}
             data["model_options"] = {k: v for k, v in legacy.items() if v is not None}
+        data.setdefault("eval_points", None)  # runs from before --eval-points: the whole split
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(data) - fields), sorted(fields - set(data))
         if unknown or missing:

@@ -45,7 +45,7 @@ CHECKPOINTS = ("best", "last")
 DERIVED_FOLDERS = ("evaluations", "samples", "figures")
 SAMPLE_SUFFIXES = (".png", ".npy")
 # options that may change when a run is resumed: none of them changes the model or the data
-RESUMABLE = ("epochs", "eval_samples", "device", "lr")
+RESUMABLE = ("epochs", "eval_samples", "eval_points", "device", "lr")
 
 
 @dataclass
@@ -278,12 +278,15 @@ class Run:
         seed: int = 0,
         progress: bool = False,
         folder: str | Path | None = None,
+        num_points: int | None = None,
     ) -> Evaluation:
         """Evaluate :attr:`module` per data point of ``split`` (ELBO, IWAE ladder, log p(x),
         gap, PSIS k̂) and write ``report.json`` and its figures into ``folder`` (default
-        ``RUN/evaluations/<split>-K<num_samples>``, ``-last`` added for the last checkpoint)."""
+        ``RUN/evaluations/<split>-K<num_samples>``, ``-N<num_points>`` added for a seeded subset
+        of ``num_points`` points, ``-last`` for the last checkpoint)."""
         if folder is None:
-            suffix = "" if self.checkpoint == "best" else f"-{self.checkpoint}"
+            suffix = "" if num_points is None else f"-N{num_points}"
+            suffix += "" if self.checkpoint == "best" else f"-{self.checkpoint}"
             folder = self.path / "evaluations" / f"{split}-K{num_samples}{suffix}"
         return self._evaluate_into(
             Path(folder),
@@ -294,6 +297,7 @@ class Run:
             device=self.device,
             seed=seed,
             progress=progress,
+            num_points=num_points,
         )
 
     def _evaluate_into(self, folder: Path, module, *, split, num_samples, **options) -> Evaluation:

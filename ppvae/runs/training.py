@@ -215,6 +215,7 @@ def _report_and_figures(run, device, progress: bool, history: list[dict]):
         device=device,
         seed=config.seed,
         progress=progress,
+        num_points=config.eval_points,
     )
     written = [path / LAST_CHECKPOINT, run.checkpoint_path("best"), path / "metrics.jsonl"]
     figures = plot_report(report, path) + run_figures(best, run.data, path, history)
