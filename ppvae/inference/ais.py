@@ -101,9 +101,16 @@ class AISResult:
     schedule: str
     initial: str
     seconds: float
+    num_warmup_steps: int = 0
+
+    @property
+    def evaluations_per_point(self) -> int:
+        """Gradient evaluations of log p(x, z) per data point, warm-up included."""
+        return self.num_chains * (self.num_steps + self.num_warmup_steps) * self.leapfrog_steps
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        out["evaluations_per_point"] = self.evaluations_per_point
         for key, value in out.items():
             if isinstance(value, torch.Tensor):
                 out[key] = value.detach().cpu().tolist()
@@ -125,14 +132,14 @@ class _Path:
             return self.target.log_guide(z)
         return self.prior.log_joint(z)
 
-    def sample_start(self, num_chains: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def sample_start(self, num_chains: int) -> torch.Tensor:
+        """``z_0 ~ f_0``, ``[C, N, D]`` (no graph to the guide's or model's parameters)."""
         if self.initial == "guide":
-            z, log_q = self.target.sample_guide(num_chains)
-            return z, log_q
+            return self.target.sample_guide(num_chains)[0]
         target = self.target
         trace = target._trace(target.model, num_chains)  # latents drawn from the prior
-        z = target.pack({name: trace.nodes[name]["value"] for name in target.sites})
-        return z, self.log_start(z)
+        return target.pack({name: trace.nodes[name]["value"] for name in target.sites})
 
     def evaluate(self, z: torch.Tensor):
         """``(log f_0, log f_1, ∇ log f_0, ∇ log f_1)`` at ``z`` (all detached)."""
@@ -259,7 +266,7 @@ def _warm_up(path, target, betas, step_size, inv_mass, leapfrog_steps, num_chain
         log_step.add_(ADAPT_GAIN * (mean_accept.to(log_step.dtype) - accept))
         table.log_steps[table.current :] = log_step
 
-    z, _ = path.sample_start(num_chains)
+    z = path.sample_start(num_chains)
     _anneal(path, path.evaluate(z), betas, current, inv_mass, leapfrog_steps, adapt=adapt)
     return table
 
@@ -278,6 +285,11 @@ def _check_arguments(num_steps, num_chains, leapfrog_steps, initial, target_acce
     annealing_schedule(num_steps)  # validates num_steps
 
 
+def default_warmup_steps(num_steps: int, num_warmup_steps: int | None = None) -> int:
+    """Length of the step-size warm-up run: ``num_warmup_steps``, else ``max(10, T // 5)``."""
+    return num_warmup_steps if num_warmup_steps is not None else max(10, num_steps // 5)
+
+
 def _make_target(model, guide, x, y, data_plate) -> PosteriorTarget:
     target = PosteriorTarget(model, guide, x, y, data_plate=data_plate)
     if not target.real_support:
@@ -293,7 +305,8 @@ def _sampler_setup(path, target, step_size, precondition):
     num_data, dim = target.num_data, target.dim
     inv_mass = target.x.new_ones(1, num_data, dim)
     if precondition:
-        z, _ = target.sample_guide(PRECONDITION_DRAWS)
+        with torch.no_grad():
+            z, _ = target.sample_guide(PRECONDITION_DRAWS)
         inv_mass = z.var(dim=0, keepdim=True).clamp(min=1e-8)
     steps = target.x.new_full((num_data,), step_size)
     return inv_mass, steps
@@ -348,11 +361,11 @@ def ais_log_marginal(
             precondition,
         )
         inv_mass, step_of = table
-        z, _ = path.sample_start(num_chains)
+        z = path.sample_start(num_chains)
         log_w, acceptance = _anneal(
             path, path.evaluate(z), betas, step_of, inv_mass, leapfrog_steps, progress=progress
         )
-    return _result(
+    result = _result(
         log_w,
         acceptance,
         step_of,
@@ -363,6 +376,9 @@ def ais_log_marginal(
         initial,
         time.perf_counter() - start,
     )
+    if adapt_step_size:
+        result.num_warmup_steps = default_warmup_steps(num_steps, num_warmup_steps)
+    return result
 
 
 def _step_sizes(
@@ -382,7 +398,7 @@ def _step_sizes(
     if not adapt_step_size:
         fixed = _StepSizeTable(torch.tensor([1.0], dtype=torch.float64), steps)
         return inv_mass, fixed
-    warmup = num_warmup_steps if num_warmup_steps is not None else max(10, num_steps // 5)
+    warmup = default_warmup_steps(num_steps, num_warmup_steps)
     warm_betas = annealing_schedule(warmup, schedule)
     table = _warm_up(
         path, target, warm_betas, steps, inv_mass, leapfrog_steps, num_chains, target_accept
@@ -512,7 +528,7 @@ def bdmc(
             precondition,
         )
         betas = annealing_schedule(num_steps, schedule)
-        z, _ = path.sample_start(num_chains)
+        z = path.sample_start(num_chains)
         log_w, acc = _anneal(path, path.evaluate(z), betas, table, inv_mass, leapfrog_steps)
         middle = time.perf_counter()
         forward = _result(
@@ -543,6 +559,8 @@ def bdmc(
         )
     upper = -log_mean_exp(log_w_rev)
     reverse.log_marginal = upper  # its weights estimate 1/p(x)
+    warmup = default_warmup_steps(num_steps, num_warmup_steps)
+    forward.num_warmup_steps = reverse.num_warmup_steps = warmup
     return BDMCResult(
         x=x, lower=forward.log_marginal, upper=upper, forward=forward, reverse=reverse
     )

@@ -36,7 +36,7 @@ import pyro.poutine as poutine
 import torch
 
 from ppvae.errors import ContractError, PPVAEError
-from ppvae.inference.ais import ais_log_marginal
+from ppvae.inference.ais import AISResult, ais_log_marginal
 from ppvae.inference.importance import (
     PosteriorTarget,
     base_distribution,
@@ -173,7 +173,7 @@ def gap_decomposition(
     local_particles: int = 16,
     lr: float = 0.01,
     num_particles: int = 1000,
-    log_marginal_method: str = "ais",
+    log_marginal_method: str | AISResult = "ais",
     num_samples: int = 5000,
     ais_options: dict | None = None,
     seed: int | None = 0,
@@ -184,9 +184,11 @@ def gap_decomposition(
     ``local_steps``, ``local_particles``, ``lr``: the local SVI fit of q*; ``num_particles``: the
     Monte Carlo size of both ELBO estimates; ``log_marginal_method``: ``"ais"`` (options in
     ``ais_options``, passed to :func:`~ppvae.inference.ais.ais_log_marginal`) or ``"is"``
-    (importance sampling with ``num_samples`` guide draws).
+    (importance sampling with ``num_samples`` guide draws), or an :class:`AISResult` already
+    computed for these points (reused, not recomputed).
     """
-    if log_marginal_method not in LOG_MARGINAL_METHODS:
+    given = log_marginal_method if isinstance(log_marginal_method, AISResult) else None
+    if given is None and log_marginal_method not in LOG_MARGINAL_METHODS:
         raise PPVAEError(f"unknown log_marginal_method {log_marginal_method!r}; use ais or is")
     if local_steps < 0 or local_particles < 1 or num_particles < 1 or lr <= 0:
         raise PPVAEError(
@@ -207,9 +209,14 @@ def gap_decomposition(
                 model, guide, x, y, num_particles=num_particles, data_plate=data_plate
             )
         details: dict = {}
-        if log_marginal_method == "ais":
+        if given is not None or log_marginal_method == "ais":
             options = dict(ais_options or {})
-            result = ais_log_marginal(model, guide, x, y, data_plate=data_plate, **options)
+            result = given or ais_log_marginal(model, guide, x, y, data_plate=data_plate, **options)
+            if result.log_marginal.shape != (target.num_data,):
+                raise PPVAEError(
+                    f"the AIS result holds {result.log_marginal.shape[0]} points but x holds "
+                    f"{target.num_data}; pass the result computed for these points"
+                )
             log_px = result.log_marginal
             method = f"ais ({result.num_steps} steps x {result.num_chains} chains)"
             details["log_marginal_stderr"] = result.stderr.tolist()
