@@ -64,12 +64,14 @@ def training_curves_figure(history: list[dict], *, title: str = "training") -> F
         value = value if metric == "val_elbo" else -value
         ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
         ax.plot([epoch], [value], marker="*", markersize=12, color="black", linestyle="none")
+        late = len(history) > 1 and epoch > (history[0]["epoch"] + history[-1]["epoch"]) / 2
         ax.annotate(
             f"best: epoch {epoch}\n{value:.3f}",
             (epoch, value),
             fontsize=8,
             textcoords="offset points",
-            xytext=(6, -24),
+            xytext=(-8, -24) if late else (6, -24),
+            ha="right" if late else "left",
         )
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per data point")
