@@ -25,8 +25,8 @@ from ppvae.applications import (
 )
 from ppvae.data import DynamicBinarization, load_data
 from ppvae.errors import PPVAEError
-from ppvae.inference import fit
-from ppvae.models import VAE, LinearGaussian
+from ppvae.inference import fit, log_marginal
+from ppvae.models import CVAE, VAE, LinearGaussian
 
 # --- definitions on tiny inputs -----------------------------------------------------------------
 
@@ -156,6 +156,23 @@ def test_importance_restoration_with_the_exact_posterior():
     assert torch.allclose(result.std, sd.expand(3, -1), rtol=0.03)
     predictive = (sd**2 + model.noise_scale.detach() ** 2).sqrt()
     assert torch.allclose(result.predictive_std, predictive.expand(3, -1), rtol=0.03)
+
+
+def test_conditional_models_get_their_labels():
+    data = load_data("digits", binarize="static", seed=0)
+    torch.manual_seed(0)
+    cvae = CVAE(64, 10, latent_dim=2, hidden=(16,))
+    x, y = data.test_x[:20], data.test_y[:20]
+    scores = anomaly_scores(cvae, x, y, num_samples=30, compressor=None, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = log_marginal(cvae.model, cvae.guide, x, y, num_samples=30)
+    assert torch.allclose(scores.neg_log_marginal, -expected.double(), atol=1e-5)
+    with pytest.raises(PPVAEError, match="needs labels"):
+        anomaly_scores(cvae, x, num_samples=5, compressor=None)
+    rows, _ = purification_table(cvae, x, y, corruptions=["missing-pixels"], num_particles=20)
+    assert [r["method"] for r in rows] == ["encoder-mean", "iterate", "importance", "impute"]
+    assert all("skipped" not in r for r in rows)
 
 
 # --- corruptions ----------------------------------------------------------------------------------

@@ -175,10 +175,11 @@ def _sites(trace):
             yield name, site
 
 
-def _plate_nesting(model, guide, x) -> int:
+def _plate_nesting(model, guide, x, y) -> int:
+    args = (x[:1],) if y is None else (x[:1], y[:1])
     with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x)):
-        guide_trace = poutine.trace(guide).get_trace(x[:1])
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x[:1])
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
     frames = [
         f
         for trace in (model_trace, guide_trace)
@@ -199,13 +200,14 @@ def _per_particle_point(log_prob, particle_dim, data_dim, num_particles, num_dat
     return log_prob.expand(num_particles, num_data)
 
 
-def _weights_and_moments(module, x, num_particles, visible, data_plate, site, nesting):
+def _weights_and_moments(module, x, y, num_particles, visible, data_plate, site, nesting):
     """(log w ``[K, N]``, decoder means and variances ``[K, N, ...]``) of one chunk."""
     particle_dim = -(nesting + 1)
     model = module.model if visible is None else MaskObserved(visible, site)(module.model)
+    args = (x,) if y is None else (x, y)
     with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(module.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        guide_trace = poutine.trace(module.guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
     num_data = x.shape[0]
     log_w = x.new_zeros(num_particles, num_data)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
@@ -253,6 +255,7 @@ class ImportanceRestoration:
 def importance_restore(
     module,
     x: torch.Tensor,
+    y: torch.Tensor | None = None,
     *,
     num_particles: int = 1000,
     visible: torch.Tensor | None = None,
@@ -261,7 +264,8 @@ def importance_restore(
     seed: int = 0,
 ) -> ImportanceRestoration:
     """Self-normalised importance-sampling posterior mean of the decoder output (module
-    docstring), with the observed site masked by ``visible`` when given (imputation)."""
+    docstring), with the observed site masked by ``visible`` when given (imputation); ``y``:
+    labels of a conditional model."""
     if num_particles < 1:
         raise PPVAEError(f"num_particles must be >= 1, got {num_particles}")
     if hasattr(module, "check_data"):
@@ -275,14 +279,15 @@ def importance_restore(
     parts = []
     with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x)):
         torch.manual_seed(seed)
-        nesting = _plate_nesting(module.model, module.guide, x)
+        nesting = _plate_nesting(module.model, module.guide, x, y)
         per_point = num_particles * max(1, x[0].numel())
         step = max(1, ELEMENT_BUDGET // per_point)
         for start in range(0, x.shape[0], step):
             xs = x[start : start + step]
             vs = None if visible is None else visible[start : start + step]
+            ys = None if y is None else y[start : start + step]
             log_w, mean, variance = _weights_and_moments(
-                module, xs, num_particles, vs, data_plate, site, nesting
+                module, xs, ys, num_particles, vs, data_plate, site, nesting
             )
             weights = torch.softmax(log_w, dim=0)  # [K, n]
             w = weights.reshape(*weights.shape, *(1,) * (xs.dim() - 1))
@@ -297,19 +302,22 @@ def importance_restore(
     )
 
 
-def _encode_decode(module, x: torch.Tensor) -> torch.Tensor:
+def _encode_decode(module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     if not (hasattr(module, "encode") and hasattr(module, "decode")):
         raise PPVAEError(
             "the encoder-mean and iterate restorations need module.encode(x) -> (mean, scale) and "
             "module.decode(z) -> E[x|z]; use the importance restoration for other models"
         )
-    return module.decode(module.encode(x)[0]).reshape(x.shape)
+    if y is None:
+        return module.decode(module.encode(x)[0]).reshape(x.shape)
+    return module.decode(module.encode(x, y)[0], y).reshape(x.shape)
 
 
 def restore(
     module,
     corrupted: Corrupted,
     method: str,
+    y: torch.Tensor | None = None,
     *,
     num_particles: int = 1000,
     iterations: int = 5,
@@ -321,23 +329,25 @@ def restore(
         raise PPVAEError(f"unknown restoration {method!r}; use one of {', '.join(METHODS)}")
     with torch.no_grad():
         if method == "encoder-mean":
-            return _encode_decode(module, x), None
+            return _encode_decode(module, x, y), None
         if method == "iterate":
             if iterations < 1:
                 raise PPVAEError(f"iterations must be >= 1, got {iterations}")
             current, keep = x, (visible if not visible.all() else torch.zeros_like(visible))
             for _ in range(iterations):
-                current = torch.where(keep, x, _encode_decode(module, current))
+                current = torch.where(keep, x, _encode_decode(module, current, y))
             return current, None
     if method == "importance":
-        result = importance_restore(module, x, num_particles=num_particles, seed=seed)
+        result = importance_restore(module, x, y, num_particles=num_particles, seed=seed)
         return result.mean, result.std
     if visible.all():
         raise PPVAEError(
             f"imputation needs missing entries; the {corrupted.kind} corruption removes none "
             "(use importance)"
         )
-    result = importance_restore(module, x, num_particles=num_particles, visible=visible, seed=seed)
+    result = importance_restore(
+        module, x, y, num_particles=num_particles, visible=visible, seed=seed
+    )
     return torch.where(visible, x, result.mean), torch.where(
         visible, torch.zeros_like(x), result.predictive_std
     )
@@ -362,6 +372,7 @@ def applicable(kind: str, method: str) -> bool:
 def purification_table(
     module,
     clean: torch.Tensor,
+    y: torch.Tensor | None = None,
     *,
     corruptions: Sequence[str] = CORRUPTIONS,
     methods: Sequence[str] = METHODS,
@@ -390,6 +401,7 @@ def purification_table(
                     module,
                     corrupted,
                     method,
+                    y,
                     num_particles=num_particles,
                     iterations=iterations,
                     seed=seed,

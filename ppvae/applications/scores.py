@@ -268,12 +268,13 @@ def train_background(
 # --- all scores at once -------------------------------------------------------------------------
 
 
-def _neg_log_marginal(module, x, num_samples, chunk_size, data_plate):
+def _neg_log_marginal(module, x, y, num_samples, chunk_size, data_plate):
     with torch.no_grad():
         log_w = log_weights(
             module.model,
             module.guide,
             x,
+            y,
             num_particles=num_samples,
             chunk_size=chunk_size,
             data_plate=data_plate,
@@ -281,14 +282,16 @@ def _neg_log_marginal(module, x, num_samples, chunk_size, data_plate):
     return log_w, math.log(log_w.shape[0]) - torch.logsumexp(log_w, dim=0)
 
 
-def reconstruction_error(module, x: torch.Tensor, *, data_plate: str = "data") -> torch.Tensor:
+def reconstruction_error(
+    module, x: torch.Tensor, y: torch.Tensor | None = None, *, data_plate: str = "data"
+) -> torch.Tensor:
     """Σ_d (x_d − x̂_d)² with x̂ = ``module.reconstruct(x)`` (the decoder's mean at the encoder's
     mean), or, for modules without one, the mean of p(x|z) at one guide draw: ``[N]``."""
     with torch.no_grad():
         if hasattr(module, "reconstruct"):
-            restored = module.reconstruct(x).reshape(x.shape)
+            restored = module.reconstruct(x, y).reshape(x.shape)
             return ((x - restored) ** 2).reshape(x.shape[0], -1).sum(dim=1)
-        result = reconstruction(module.model, module.guide, x, data_plate=data_plate)
+        result = reconstruction(module.model, module.guide, x, y, data_plate=data_plate)
     if result.mse is None:
         raise PPVAEError("the model's observed site has no mean; no reconstruction error exists")
     return result.mse * x[0].numel()
@@ -297,6 +300,7 @@ def reconstruction_error(module, x: torch.Tensor, *, data_plate: str = "data") -
 def anomaly_scores(
     module: nn.Module,
     x: torch.Tensor,
+    y: torch.Tensor | None = None,
     *,
     num_samples: int = 1000,
     background: nn.Module | None = None,
@@ -306,7 +310,8 @@ def anomaly_scores(
     data_plate: str = "data",
     seed: int = 0,
 ) -> AnomalyScores:
-    """Every score of the module docstring for the inputs ``x [N, D]``.
+    """Every score of the module docstring for the inputs ``x [N, D]`` (and labels ``y`` for
+    conditional models, passed to ``model(x, y)`` / ``guide(x, y)``).
 
     ``background``: the model trained by :func:`train_background` (no likelihood-ratio score
     without it). ``compressor``: ``"png"``, ``"zlib"`` or None (no complexity score). The same
@@ -325,12 +330,12 @@ def anomaly_scores(
                 ) from None
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        log_w, nll = _neg_log_marginal(module, x, num_samples, chunk_size, data_plate)
-        rec = reconstruction_error(module, x, data_plate=data_plate)
+        log_w, nll = _neg_log_marginal(module, x, y, num_samples, chunk_size, data_plate)
+        rec = reconstruction_error(module, x, y, data_plate=data_plate)
         background_nll = None
         if background is not None:
             _, background_nll = _neg_log_marginal(
-                background, x, num_samples, chunk_size, data_plate
+                background, x, y, num_samples, chunk_size, data_plate
             )
     result = AnomalyScores(
         neg_log_marginal=nll.cpu().double(),

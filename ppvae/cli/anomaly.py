@@ -144,6 +144,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ppvae.applications import anomaly_scores, detection_metrics, train_background
     from ppvae.plots.applications import plot_roc_curves, plot_score_histograms
+    from ppvae.plots.figures import is_conditional
 
     training = Run.load(args.run, checkpoint=args.checkpoint, device=args.device)
     x, y, image_shape, name = load_inputs(training, args)
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     scores = anomaly_scores(
         module,
         x.to(device),
+        y.to(device) if y is not None and is_conditional(module) else None,
         num_samples=args.num_samples,
         background=background,
         compressor=None if args.compressor == "none" else args.compressor,

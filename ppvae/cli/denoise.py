@@ -97,9 +97,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ppvae.applications import purification_table
     from ppvae.plots.applications import plot_purification
+    from ppvae.plots.figures import is_conditional
 
     training = Run.load(args.run, checkpoint=args.checkpoint, device=args.device)
-    x, _, image_shape, name = load_inputs(training, args)
+    x, y, image_shape, name = load_inputs(training, args)
     if float(x.min()) < 0 or float(x.max()) > 1:
         raise PPVAEError("the corruptions need inputs in [0, 1]; rescale the data")
     if "occlusion" in args.corruptions and image_shape is None:
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     rows, examples = purification_table(
         module,
         x.to(device),
+        y.to(device) if y is not None and is_conditional(module) else None,
         corruptions=args.corruptions,
         methods=args.methods,
         levels=dict(args.level),
