@@ -8,7 +8,6 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 from ppvae.contract import auxiliary_loss
-from ppvae.errors import ContractError
 from ppvae.inference import evaluate, fit, log_weights
 from ppvae.inference.train import validation_elbo
 from ppvae.models import VAE, LinearGaussian
@@ -55,17 +54,6 @@ def test_factor_is_part_of_the_density_but_auxiliary_loss_is_not():
     )
     penalty = 2.0 * (q.mean**2 + q.variance).sum()
     assert loss == pytest.approx(float(-expected.sum() + penalty), abs=0.15)
-
-
-def test_parameters_outside_the_module_are_refused(digits):
-    class Loose(VAE):
-        def model(self, x, y=None):
-            pyro.param("temperature", torch.tensor(1.0))
-            super().model(x, y)
-
-    module = Loose(digits.input_dim, latent_dim=2, hidden=(16,))
-    with pytest.raises(ContractError, match=r"'temperature'.*not parameters of the module"):
-        fit(module, digits.train, epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["pair", "dataset", "loader"])

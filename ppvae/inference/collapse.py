@@ -42,15 +42,16 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import Delta
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, kl_divergence
 
 from ppvae.errors import ContractError, PPVAEError
-from ppvae.inference.importance import (
-    DEFAULT_CHUNK_BUDGET,
-    base_distribution,
+from ppvae.inference.importance import DEFAULT_CHUNK_BUDGET, base_distribution
+from ppvae.inference.program import (
+    VECTORISED,
+    ProgramData,
+    density_sites,
     forked_rng,
-    plate_nesting,
+    program_info,
 )
 
 DIAGNOSTIC_PLATE = "_ppvae_diagnostic_particles"
@@ -58,14 +59,10 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015)
 
 
 def latent_sites(trace):
-    """``(name, site)`` for the latent (unobserved, non-subsample, non-auxiliary) sample sites."""
-    for name, site in trace.nodes.items():
-        if (
-            site["type"] == "sample"
-            and not site["is_observed"]
-            and not site_is_subsample(site)
-            and not site["infer"].get("is_auxiliary")
-        ):
+    """``(name, site)`` for the latent sample sites (not observed, subsample, deterministic or
+    auxiliary)."""
+    for name, site in density_sites(trace):
+        if not site["is_observed"] and not site["infer"].get("is_auxiliary"):
             yield name, site
 
 
@@ -190,30 +187,33 @@ def _device_of(module) -> torch.device | None:
 
 
 def _batches(module, x, y, num_samples: int, batch_size: int | None):
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise PPVAEError(f"x must hold at least one data point along dim 0, got {tuple(x.shape)}")
+    data = ProgramData.of(x, y)
     if num_samples < 1:
         raise PPVAEError(f"num_samples must be >= 1, got {num_samples}")
     device = _device_of(module)
     if device is not None:
-        x = x.to(device)
-        y = None if y is None else y.to(device)
+        data = data.to(device)
     batch_size = batch_size or max(1, DEFAULT_CHUNK_BUDGET // num_samples)
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start : start + batch_size], None if y is None else y[start : start + batch_size]
+    for start in range(0, data.num_points, batch_size):
+        yield data.select(slice(start, start + batch_size))
 
 
-def _diagnostic_traces(module, x, y, num_samples: int, *, run_model: bool):
-    """Guide (and replayed model) traces with ``num_samples`` particles left of every plate."""
-    particle_dim = -(plate_nesting(module.model, module.guide, x, y) + 1)
-    with pyro.plate(DIAGNOSTIC_PLATE, num_samples, dim=particle_dim):
-        guide_trace = poutine.trace(module.guide).get_trace(x, y)
+def _diagnostic_traces(module, data: ProgramData, num_samples: int, data_plate, *, run_model):
+    """Guide (and replayed model) traces with ``num_samples`` particles left of every plate,
+    the particle dim and the data plate."""
+    info = program_info(module.model, module.guide, data, data_plate)
+    if info.particles != VECTORISED:
+        raise ContractError(
+            "collapse diagnostics need a program that broadcasts over a particle dimension; "
+            f"this one does not ({info.particle_note})"
+        )
+    with pyro.plate(DIAGNOSTIC_PLATE, num_samples, dim=info.particle_dim):
+        guide_trace = poutine.trace(module.guide).get_trace(*data.args, **data.kwargs)
         model_trace = None
         if run_model:
-            model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
-                x, y
-            )
-    return guide_trace, model_trace, particle_dim
+            replayed = poutine.replay(module.model, trace=guide_trace)
+            model_trace = poutine.trace(replayed).get_trace(*data.args, **data.kwargs)
+    return guide_trace, model_trace, info.particle_dim, info.data_plate
 
 
 def kl_per_dimension(
@@ -224,7 +224,7 @@ def kl_per_dimension(
     num_samples: int = 10,
     batch_size: int | None = None,
     analytic: bool = True,
-    data_plate: str = "data",
+    data_plate: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """KL(q(z|x_n) || p(z)) per latent site and dimension: ``{site: Tensor[N, G]}``.
 
@@ -234,10 +234,10 @@ def kl_per_dimension(
     advancing the global RNG.
     """
     parts: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad(), forked_rng(x):
-        for xb, yb in _batches(module, x, y, num_samples, batch_size):
-            guide_trace, model_trace, particle_dim = _diagnostic_traces(
-                module, xb, yb, num_samples, run_model=True
+    with torch.no_grad(), forked_rng(ProgramData.of(x, y).device):
+        for batch in _batches(module, x, y, num_samples, batch_size):
+            guide_trace, model_trace, particle_dim, plate = _diagnostic_traces(
+                module, batch, num_samples, data_plate, run_model=True
             )
             for name, guide_site in latent_sites(guide_trace):
                 if isinstance(base_distribution(guide_site["fn"]), Delta):
@@ -249,7 +249,7 @@ def kl_per_dimension(
                 model_trace, guide_trace, analytic=analytic
             ):
                 per_point = points_by_dimension(
-                    kl, event_ndim, data_dim(guide_site, data_plate), xb.shape[0], particle_dim
+                    kl, event_ndim, data_dim(guide_site, plate), batch.num_points, particle_dim
                 )
                 parts.setdefault(name, []).append(per_point.mean(dim=0))  # [N_batch, G]
     return {name: torch.cat(chunks, dim=0) for name, chunks in parts.items()}
@@ -310,7 +310,7 @@ def active_units(
     threshold: float = ACTIVE_UNIT_THRESHOLD,
     num_samples: int = 10,
     batch_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
 ) -> ActiveUnits:
     """Active units [1]: ``Var_x(E_q[z_d | x]) > threshold`` for every continuous latent
     dimension.
@@ -320,14 +320,14 @@ def active_units(
     the N data points uses the unbiased (N − 1) normaliser, like ``numpy.cov``. Sites with
     discrete support or a non-finite mean are left out (``ActiveUnits.excluded``).
     """
-    if x.shape[0] < 2:
+    if ProgramData.of(x, y).num_points < 2:
         raise PPVAEError("active units need at least 2 data points (a variance over x)")
     means: dict[str, list[torch.Tensor]] = {}
     excluded: dict[str, str] = {}
-    with torch.no_grad(), forked_rng(x):
-        for xb, yb in _batches(module, x, y, num_samples, batch_size):
-            guide_trace, _, particle_dim = _diagnostic_traces(
-                module, xb, yb, num_samples, run_model=False
+    with torch.no_grad(), forked_rng(ProgramData.of(x, y).device):
+        for batch in _batches(module, x, y, num_samples, batch_size):
+            guide_trace, _, particle_dim, plate = _diagnostic_traces(
+                module, batch, num_samples, data_plate, run_model=False
             )
             for name, site in latent_sites(guide_trace):
                 if name in excluded:
@@ -346,8 +346,8 @@ def active_units(
                 per_point = points_by_dimension(
                     mean,
                     len(site["fn"].event_shape),
-                    data_dim(site, data_plate),
-                    xb.shape[0],
+                    data_dim(site, plate),
+                    batch.num_points,
                     particle_dim,
                 )
                 means.setdefault(name, []).append(per_point.mean(dim=0))  # [N_batch, G]
@@ -365,7 +365,7 @@ def collapse_metrics(
     threshold: float = ACTIVE_UNIT_THRESHOLD,
     num_samples: int = 10,
     batch_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
 ) -> dict:
     """JSON-ready summary for ``fit(epoch_metrics=...)`` and reports.
 

@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro.poutine as poutine
 import torch
-from pyro.distributions import Delta, Unit
+from pyro.distributions import Delta, MaskedDistribution, Unit
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -62,6 +61,7 @@ from ppvae.inference.importance import (
     log_weights,
     sample_sites,
 )
+from ppvae.inference.program import ProgramData, program_info, trace_pair
 from ppvae.inference.train import resolve_device
 
 DEFAULT_LADDER = (1, 5, 50, 500, 5000)
@@ -118,6 +118,10 @@ class EvaluationReport:
     note: str | None = None
     point_mass_sites: list[str] = field(default_factory=list)
     seed: int | None = None
+    split_points: int | None = None  # points in the split before a num_points subset
+    observed_sites: list[str] = field(default_factory=list)  # what log p(...) is of
+    density_name: str = "log p(x)"  # "log p(x, y)" when the model observes x and y
+    particle_path: str | None = None  # "vectorised" or "replicated" (see program_info)
     elbo: float | None = None
     log_px: float | None = None
     log_px_stderr: float | None = None
@@ -194,6 +198,11 @@ class EvaluationReport:
     def summary_table(self) -> str:
         """A short table for people: bounds, log p(x) ± s.e., gap, k̂ and ESS (or the note)."""
         rows = [("points", f"{self.num_points}")]
+        if self.split_points is not None and self.split_points != self.num_points:
+            rows[0] = (
+                "points",
+                f"{self.num_points} of {self.split_points} (seeded subset, seed {self.seed})",
+            )
         if not self.likelihood_available:
             rows.append(("likelihood bound", "none"))
         elif self.point_mass_sites:
@@ -206,12 +215,12 @@ class EvaluationReport:
                     rows.append((f"IWAE bound, k={k}", f"{bound:.3f}"))
             rows.append(
                 (
-                    "log p(x)",
+                    self.density_name,
                     f"{self.log_px:.3f} ± {self.log_px_stderr:.3f} (s.e. of the mean; "
                     f"{self.mean_log_px_stderr:.3f} per point on average)",
                 )
             )
-            rows.append(("gap log p(x) − ELBO", f"{self.gap:.3f}"))
+            rows.append((f"gap {self.density_name} − ELBO", f"{self.gap:.3f}"))
             if self.khat_share_above is not None:
                 rows.append(
                     (
@@ -353,15 +362,37 @@ def _is_one_hot(site) -> bool:
     return bool((fn.log_prob(site["value"]) == 0).all())
 
 
-def reconstruction(model, guide, x, y=None, *, data_plate: str = "data") -> _Reconstruction:
+def _observation_mask(site, value_shape) -> torch.Tensor | None:
+    """1 where an observed element counts: the site's ``poutine.mask`` times every
+    ``.mask()`` of its distribution, broadcast to the value; None when nothing is masked."""
+    masks = []
+    if site["mask"] is not None:
+        masks.append((site["mask"], len(site["fn"].event_shape)))
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):
+        if isinstance(fn, MaskedDistribution):
+            masks.append((fn._mask, len(fn.event_shape)))  # noqa: SLF001
+        fn = fn.base_dist
+    if not masks:
+        return None
+    total = torch.ones(value_shape)
+    for mask, event_ndim in masks:
+        mask = torch.as_tensor(mask, dtype=total.dtype)
+        total = total.to(mask.device) * mask.reshape(mask.shape + (1,) * event_ndim)
+    return total
+
+
+def reconstruction(model, guide, x, y=None, *, data_plate: str | None = None) -> _Reconstruction:
     """One guide draw, the model replayed on it, and the mean of the observed site's p(x|z).
 
-    The observed site is ``"x"`` when the model observes one, else its first observed site with a
-    mean (factors have none). MSE is averaged over the site's elements, BCE (Bernoulli only)
-    summed: nats per point.
+    ``x`` (and ``y``): the data as the program takes them (see ``log_weights``). The observed
+    site is ``"x"`` when the model observes one, else its first observed site with a mean
+    (factors have none). MSE is averaged over the site's unmasked elements, BCE (Bernoulli only)
+    summed over them: nats per point.
     """
-    guide_trace = poutine.trace(guide).get_trace(x, y)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+    data = ProgramData.of(x, y)
+    data_plate = program_info(model, guide, data, data_plate).data_plate
+    model_trace, guide_trace = trace_pair(model, guide, data)
     latents = [(n, s) for n, s in sample_sites(guide_trace) if not s["is_observed"]]
     point_mass = [n for n, s in latents if isinstance(base_distribution(s["fn"]), Delta)]
     one_hot = [n for n, s in latents if _is_one_hot(s)]
@@ -379,31 +410,53 @@ def reconstruction(model, guide, x, y=None, *, data_plate: str = "data") -> _Rec
     except NotImplementedError:
         return _Reconstruction(None, None, None, point_mass, one_hot)
     value, mean = torch.broadcast_tensors(site["value"], mean)
-    mse = _per_point((value - mean) ** 2, axis, "mean")
+    mask = _observation_mask(site, value.shape)
+    weight = torch.ones_like(value) if mask is None else mask.expand(value.shape).to(value)
+    counted = _per_point(weight, axis, "sum").clamp(min=1.0)
+    mse = _per_point(weight * (value - mean) ** 2, axis, "sum") / counted
     bce = None
     if isinstance(base, torch.distributions.Bernoulli):
-        nll = -base.log_prob(site["value"])
-        bce = _per_point(torch.broadcast_to(nll, value.shape), axis, "sum")
+        nll = torch.broadcast_to(-base.log_prob(site["value"]), value.shape)
+        bce = _per_point(weight * nll, axis, "sum")
     return _Reconstruction(name, mse, bce, point_mass, one_hot)
 
 
 # --- the whole split ----------------------------------------------------------------------------
 
 
-def _split_data(data, y) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(data, (tuple, list)):
-        if len(data) != 2 or not isinstance(data[0], torch.Tensor):
-            raise PPVAEError("data must be a tensor [N, ...] or a pair (x, y) of tensors")
-        if y is not None:
-            raise PPVAEError("pass labels either as data=(x, y) or as y=, not both")
-        data, y = data
-    if not isinstance(data, torch.Tensor):
-        raise PPVAEError("data must be a tensor [N, ...] or a pair (x, y) of tensors")
-    if data.dim() < 1 or data.shape[0] == 0:
-        raise PPVAEError(f"data must hold at least one point along dim 0, got {tuple(data.shape)}")
-    if y is not None and y.shape[0] != data.shape[0]:
-        raise PPVAEError(f"x has {data.shape[0]} points but y has {y.shape[0]}; they must match")
-    return data, y
+def _program_data(data, y) -> ProgramData:
+    """``evaluate``'s data: a tensor, an ``(x, y)`` pair or tuple, a dict, plus ``y``."""
+    if isinstance(data, (tuple, list)) and y is not None:
+        raise PPVAEError("pass labels either as data=(x, y) or as y=, not both")
+    data = ProgramData.of(data, y)
+    sizes = {v.shape[0] for v in data.args if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(data.args) == 2 and len(sizes) > 1:
+        x, y = data.args
+        raise PPVAEError(f"x has {x.shape[0]} points but y has {y.shape[0]}; they must match")
+    return data
+
+
+def subset_index(size: int, num_points: int | None, seed: int) -> torch.Tensor | None:
+    """Indices of a seeded subset of ``num_points`` of ``size`` rows, in their original order
+    (None: all rows). Its own generator: the same (size, num_points, seed), the same points."""
+    if num_points is None or num_points >= size:
+        return None
+    if num_points < 1:
+        raise PPVAEError(f"num_points must be >= 1, got {num_points}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:num_points].sort().values
+
+
+def subset_points(
+    x: torch.Tensor, y: torch.Tensor | None, num_points: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A seeded subset of ``num_points`` of the rows of ``x`` (and ``y``), in their original
+    order; all rows when ``num_points`` is None or not smaller. The draw uses its own generator,
+    so the same (size, ``num_points``, seed) always gives the same points."""
+    index = subset_index(x.shape[0], num_points, seed)
+    if index is None:
+        return x, y
+    return x[index.to(x.device)], None if y is None else y[index.to(y.device)]
 
 
 def _normalise_ladder(ladder, num_samples: int) -> list[int]:
@@ -465,7 +518,8 @@ def evaluate(
     chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
-    data_plate: str = "data",
+    data_plate: str | None = None,
+    num_points: int | None = None,
 ) -> EvaluationReport:
     """ELBO, the IWAE ladder, log p(x) ± s.e., gap, PSIS k̂ and ESS per data point.
 
@@ -478,7 +532,9 @@ def evaluate(
     inside a fork: a rerun with the same arguments is identical, and the caller's RNG state (a
     training loop's) is the same after the call as before it. A module method
     ``evaluation_metrics(x, y) -> dict`` is called on the whole split and its numbers stored in
-    ``report.extra``.
+    ``report.extra``. ``num_points``: evaluate a seeded subset of that many points
+    (:func:`subset_points` with ``seed``); ``report.split_points`` keeps the split's size.
+    ``progress``: a progress bar, shown only when stderr is a terminal.
     """
     if not (callable(getattr(module, "model", None)) and callable(getattr(module, "guide", None))):
         raise PPVAEError("module must have model(x, y) and guide(x, y) methods (DESIGN §1)")
@@ -486,7 +542,11 @@ def evaluate(
         raise PPVAEError(
             f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}"
         )
-    x, y = _split_data(data, y)
+    data = _program_data(data, y)
+    split_points = data.num_points
+    index = subset_index(split_points, num_points, seed)
+    if index is not None:
+        data = data.select(index.to(data.device))
     ks = _normalise_ladder(ladder, num_samples)
     parts: dict[str, list[torch.Tensor]] = {}
     ladder_parts: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
@@ -503,15 +563,19 @@ def evaluate(
     ):
         check = getattr(module, "check_data", None)
         if check is not None:
-            check(x)
+            check(data.first)
+        info = program_info(module.model, module.guide, data.to(device), data_plate)
         with tqdm(
-            total=x.shape[0], disable=not progress, unit="pt", leave=False, dynamic_ncols=True
+            total=data.num_points,
+            disable=None if progress else True,  # None: shown on a terminal only
+            unit="pt",
+            leave=False,
+            dynamic_ncols=True,
         ) as bar:
             bar.set_description(f"evaluate (K={num_samples})")
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start : start + batch_size].to(device)
-                yb = None if y is None else y[start : start + batch_size].to(device)
-                recon = reconstruction(module.model, module.guide, xb, yb, data_plate=data_plate)
+            for start in range(0, data.num_points, batch_size):
+                batch = data.select(slice(start, start + batch_size)).to(device)
+                recon = reconstruction(module.model, module.guide, batch, data_plate=data_plate)
                 if start == 0:
                     site_name, point_mass = recon.site, recon.point_mass_sites
                     likelihood_available, one_hot = not point_mass, recon.one_hot_sites
@@ -522,23 +586,26 @@ def evaluate(
                     log_w = log_weights(
                         module.model,
                         module.guide,
-                        xb,
-                        yb,
+                        batch,
                         num_particles=num_samples,
                         chunk_size=chunk_size,
                         data_plate=data_plate,
                     )  # [K, B]
                     _keep_bounds(keep, ladder_parts, log_w, ks)
-                bar.update(xb.shape[0])
-        extra = _extra_metrics(module, x, y, device)
-        collapse = _collapse_metrics(module, x, y, device) if likelihood_available else {}
+                bar.update(batch.num_points)
+        extra = _extra_metrics(module, data, device)
+        collapse = _collapse_metrics(module, data, device) if likelihood_available else {}
 
     per_point = {name: torch.cat(values) for name, values in parts.items()}
     report = EvaluationReport(
-        num_points=x.shape[0],
+        num_points=data.num_points,
         num_samples=num_samples,
         likelihood_available=likelihood_available,
         seed=seed,
+        split_points=split_points,
+        observed_sites=list(info.observed),
+        density_name=info.density_name,
+        particle_path=info.particles if not info.particle_note else info.particle_note,
         point_mass_sites=point_mass + one_hot,
         reconstruction_site=site_name,
         reconstruction_mse_per_point=per_point.get("reconstruction_mse"),
@@ -612,18 +679,18 @@ def _mean(values: torch.Tensor | None) -> float | None:
     return None if values is None else float(values.mean())
 
 
-def _collapse_metrics(module, x, y, device) -> dict:
+def _collapse_metrics(module, data: ProgramData, device) -> dict:
     """Active units and KL per latent dimension (posterior-collapse diagnostics), where they
     exist; on a forked RNG so the bounds above are unaffected."""
     try:
-        return collapse_metrics(module, x.to(device), None if y is None else y.to(device))
+        return collapse_metrics(module, data.to(device))
     except PPVAEError:
         return {}
 
 
-def _extra_metrics(module, x, y, device) -> dict[str, float]:
+def _extra_metrics(module, data: ProgramData, device) -> dict[str, float]:
     metrics = getattr(module, "evaluation_metrics", None)
     if metrics is None:
         return {}
-    values = metrics(x.to(device), None if y is None else y.to(device))
+    values = data.to(device).call(metrics)
     return {str(k): float(v) for k, v in dict(values).items()}

@@ -25,88 +25,38 @@ drawn in chunks, so peak memory is set by ``chunk_size``, not by K.
 from __future__ import annotations
 
 import math
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import Delta
-from pyro.poutine.util import site_is_subsample
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
 from torch.distributions import constraints
 
-from ppvae.contract import AUXILIARY_LOSS
-from ppvae.errors import ContractError
+from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference.program import (
+    PARTICLE_PLATE,
+    VECTORISED,
+    ProgramData,
+    ProgramInfo,
+    forked_rng,
+    is_deterministic,
+    program_info,
+    trace_pair,
+)
+from ppvae.inference.program import density_sites as density_sites
 
-PARTICLE_PLATE = "_ppvae_particles"
 # Default particle chunk: at most this many (particle, data point) pairs per forward pass.
 DEFAULT_CHUNK_BUDGET = 16384
 
 
-def _trace_pair(model: Callable, guide: Callable, x, y):
-    guide_trace = poutine.trace(guide).get_trace(x, y)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
-    return model_trace, guide_trace
-
-
 def sample_sites(trace):
-    for name, site in trace.nodes.items():
-        if (
-            site["type"] == "sample"
-            and not site["infer"].get(AUXILIARY_LOSS)
-            and not site_is_subsample(site)
-        ):
-            yield name, site
-
-
-_NESTING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _nesting_key(model: Callable, guide: Callable, y):
-    """(owner, key) for bound methods of one object, e.g. ``module.model``/``module.guide``."""
-    owner = getattr(model, "__self__", None)
-    if owner is None or getattr(guide, "__self__", None) is not owner:
-        return None, None
-    try:
-        weakref.ref(owner)
-    except TypeError:
-        return None, None
-    return owner, (model.__func__, guide.__func__, y is None)
-
-
-def plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> int:
-    """``max_plate_nesting`` of a model/guide pair, read off a trace once and cached for bound
-    methods of the same module."""
-    owner, key = _nesting_key(model, guide, y)
-    if owner is not None:
-        cached = _NESTING_CACHE.setdefault(owner, {})
-        if key not in cached:
-            cached[key] = _probe_plate_nesting(model, guide, x, y)
-        return cached[key]
-    return _probe_plate_nesting(model, guide, x, y)
-
-
-def forked_rng(where: torch.Tensor | torch.device):
-    """torch's RNG forked for a block (the CPU's, and the CUDA device of ``where`` — a tensor or
-    a device — when it has one): draws inside it do not shift the caller's random stream."""
-    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _probe_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor, y=None) -> int:
-    """``max_plate_nesting`` read off one trace of model and guide (never hard-coded).
-
-    The probe runs on a forked RNG, so it does not shift the particles drawn afterwards.
-    """
-    with torch.no_grad(), forked_rng(x):
-        traces = _trace_pair(model, guide, x[:1], None if y is None else y[:1])
-    nesting = 0
-    for trace in traces:
-        for _, site in sample_sites(trace):
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized:
-                    nesting = max(nesting, -frame.dim)
-    return nesting
+    """Sample sites that enter the density (see :func:`ppvae.inference.program.density_sites`)."""
+    return density_sites(trace)
 
 
 def base_distribution(fn):
@@ -115,54 +65,57 @@ def base_distribution(fn):
     return fn
 
 
-def _check_contract(model_trace, guide_trace, data_plate: str, num_data: int) -> None:
-    model_latents = {n for n, s in sample_sites(model_trace) if not s["is_observed"]}
-    guide_latents = {n for n, s in sample_sites(guide_trace) if not s["is_observed"]}
-    if model_latents != guide_latents:
-        raise ContractError(
-            f"the guide must sample exactly the model's latent sites: model has "
-            f"{sorted(model_latents)}, guide has {sorted(guide_latents)}"
-        )
+def plate_nesting(model: Callable, guide: Callable, x, y=None) -> int:
+    """``max_plate_nesting`` of a model/guide pair, read off one probe (cached per module)."""
+    return program_info(model, guide, ProgramData.of(x, y)).nesting
+
+
+def _check_point_masses(guide_trace) -> None:
     for name, site in sample_sites(guide_trace):
-        if isinstance(base_distribution(site["fn"]), Delta):
+        if not site["is_observed"] and isinstance(base_distribution(site["fn"]), Delta):
             raise ContractError(
                 f"guide site {name!r} is a point mass (Delta): a deterministic encoder has no "
                 "importance weights, so no ELBO, IWAE bound or log p(x) exists for this model "
                 "(an autoencoder); compare it by reconstruction error instead"
             )
-    if not any(s["is_observed"] for _, s in sample_sites(model_trace)):
-        raise ContractError("the model observes no site; pass the data as obs=x inside the model")
-    for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
-        for name, site in sample_sites(trace):
-            frames = [f for f in site["cond_indep_stack"] if f.name == data_plate]
-            if not frames:
-                kind = "observed" if site["is_observed"] else "latent"
-                raise ContractError(
-                    f"{role} {kind} site {name!r} is outside the {data_plate!r} plate (a global "
-                    f"latent or unplated site); per-point estimators need every site inside "
-                    f"pyro.plate({data_plate!r}, len(x)) — or pass data_plate= to name yours"
-                )
-            if frames[0].size != num_data:
-                raise ContractError(
-                    f"plate {data_plate!r} has size {frames[0].size} at site {name!r} but x holds "
-                    f"{num_data} points; the plate size must be len(x) (no subsample)"
-                )
 
 
 def site_log_prob(
-    site, data_plate: str, particle_dim: int, num_particles: int, num_data: int, scaled: bool
+    site,
+    data_plate: str,
+    particle_dim: int | None,
+    num_particles: int,
+    num_data: int,
+    scaled: bool,
 ):
-    """log density of one site summed to ``[num_particles, num_data]``."""
+    """log density of one site summed to ``[num_particles, num_data]``.
+
+    ``particle_dim``: the particle plate's dim, or None when the particles are replicated along
+    the data plate (row ``k * num_data + n`` of the data dim is particle k of point n).
+    """
     log_prob = site["fn"].log_prob(site["value"])
     if site["mask"] is not None:
         log_prob = log_prob * site["mask"]
     if scaled and site["scale"] is not None:
         log_prob = log_prob * site["scale"]
     data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == data_plate)
+    return _to_points(log_prob, data_dim, particle_dim, num_particles, num_data, site["name"])
+
+
+def _to_points(log_prob, data_dim, particle_dim, num_particles, num_data, name) -> torch.Tensor:
+    """Sum every dim but the particle and data dims: ``[num_particles, num_data]``."""
+    if particle_dim is None:
+        ndim = max(-data_dim, log_prob.dim())
+        log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
+        other_dims = [d for d in range(-ndim, 0) if d != data_dim]
+        if other_dims:
+            log_prob = log_prob.sum(dim=other_dims, keepdim=True)
+        log_prob = log_prob.reshape(-1).expand(num_particles * num_data)
+        return log_prob.reshape(num_particles, num_data)
     ndim = -particle_dim
     if log_prob.dim() > ndim:
         raise ContractError(
-            f"site {site['name']!r} has log-prob shape {tuple(log_prob.shape)} with more batch "
+            f"site {name!r} has log-prob shape {tuple(log_prob.shape)} with more batch "
             f"dimensions than plates; declare extra dimensions with .to_event()"
         )
     log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
@@ -173,21 +126,109 @@ def site_log_prob(
     return log_prob.expand(num_particles, num_data)
 
 
-def _chunk_log_weights(
-    model, guide, x, y, num_particles: int, nesting: int, data_plate: str, scaled: bool
-) -> torch.Tensor:
-    particle_dim = -(nesting + 1)
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        model_trace, guide_trace = _trace_pair(model, guide, x, y)
-    num_data = x.shape[0]
-    _check_contract(model_trace, guide_trace, data_plate, num_data)
-    total = x.new_zeros(num_particles, num_data)
+def _enumerated_log_weights(
+    model_trace, guide_trace, data_plate, particle_dim, num_particles, num_data, scaled
+):
+    """log W = log Σ_e p(x, e, z_e) / q(z_e | x, e) over every enumerated value e (guide- and
+    model-side), contracted plate by plate with Pyro's tensor message passing: ``[K, N]``.
+
+    E_q[W] = Σ_e p(x, e) = p(x), so W is an importance weight with the discrete latents summed
+    out exactly (Rao-Blackwellised)."""
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob(site_filter=lambda name, site: not is_deterministic(site))
+    model_trace.pack_tensors()
+    guide_trace.pack_tensors(model_trace.plate_to_symbol)
+    plate_to_symbol = model_trace.plate_to_symbol
+    tree: OrderedDict = OrderedDict()
+    terms = []
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for _, site in sample_sites(trace):
-            total = total + sign * site_log_prob(
-                site, data_plate, particle_dim, num_particles, num_data, scaled
+            if sign < 0 and (
+                site["is_observed"] or site["infer"].get("_enumerate_dim") is not None
+            ):
+                continue  # q(e | x) of an enumerated guide site cancels in W
+            term = packed.scale_and_mask(
+                site["packed"]["unscaled_log_prob"],
+                scale=site["scale"] if scaled else 1.0,
+                mask=site["packed"]["mask"],
             )
-    return total  # [num_particles, N]
+            if sign < 0:
+                dims = term._pyro_dims
+                term = -term
+                term._pyro_dims = dims
+            ordinal = frozenset(
+                plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+            )
+            tree.setdefault(ordinal, []).append(term)
+            terms.append(term)
+    sum_dims = {d for term in terms for d in term._pyro_dims} - set(plate_to_symbol.values())
+    target = {plate_to_symbol[data_plate]}
+    if particle_dim is not None:
+        target.add(plate_to_symbol[PARTICLE_PLATE])
+    result = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(target), ring=LogRing())
+    symbol_to_dim = {symbol: dim for symbol, dim in model_trace.symbol_to_dim.items()}
+    result = packed.unpack(result, symbol_to_dim)
+    data_dim = symbol_to_dim[plate_to_symbol[data_plate]]
+    return _to_points(result, data_dim, particle_dim, num_particles, num_data, "enumerated")
+
+
+def chunk_log_weights(
+    model: Callable,
+    guide: Callable,
+    data: ProgramData,
+    num_particles: int,
+    info: ProgramInfo,
+    *,
+    scaled: bool = False,
+    keep_values: bool = False,
+    guide_values: dict | None = None,
+    point_masses_refused: bool = True,
+):
+    """``(log_w [num_particles, N], latent values)`` of one particle chunk, on the path ``info``
+    chose: particles in a plate left of the program's plates (``vectorised``), or the data
+    replicated along the data plate (``replicated``). ``keep_values``: return the guide's latent
+    values and sites (``{name: (value, site)}``), else None."""
+    num_data = data.num_points
+    if info.particles == VECTORISED:
+        particles = num_particles
+        enum_dim = info.particle_dim - 1 if info.enumerated else None
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=info.particle_dim):
+            model_trace, guide_trace = trace_pair(model, guide, data, enum_dim, guide_values)
+    else:
+        particles = None
+        enum_dim = info.particle_dim if info.enumerated else None
+        tiled = data.tile(num_particles)
+        model_trace, guide_trace = trace_pair(model, guide, tiled, enum_dim, guide_values)
+    if point_masses_refused:
+        _check_point_masses(guide_trace)
+    if info.enumerated:
+        log_w = _enumerated_log_weights(
+            model_trace,
+            guide_trace,
+            info.data_plate,
+            info.particle_dim if particles is not None else None,
+            num_particles,
+            num_data,
+            scaled,
+        )
+    else:
+        particle_dim = info.particle_dim if particles is not None else None
+        log_w = data.first.new_zeros(num_particles, num_data)
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for _, site in sample_sites(trace):
+                if sign < 0 and site["is_observed"]:
+                    continue
+                log_w = log_w + sign * site_log_prob(
+                    site, info.data_plate, particle_dim, num_particles, num_data, scaled
+                )
+    values = None
+    if keep_values:
+        values = {
+            name: (site["value"], site)
+            for name, site in sample_sites(guide_trace)
+            if not site["is_observed"] and site["infer"].get("_enumerate_dim") is None
+        }
+    return log_w, values
 
 
 def default_chunk_size(num_particles: int, num_data: int) -> int:
@@ -197,31 +238,55 @@ def default_chunk_size(num_particles: int, num_data: int) -> int:
 def log_weights(
     model: Callable,
     guide: Callable,
-    x: torch.Tensor,
+    x,
     y: torch.Tensor | None = None,
     *,
     num_particles: int,
     chunk_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     scaled: bool = False,
 ) -> torch.Tensor:
     """log p(x_n, z_k) − log q(z_k | x_n) for z_k ~ q(z | x_n): ``[num_particles, N]``.
 
-    Differentiable (objectives use it); wrap in ``torch.no_grad()`` for evaluation. ``scaled``
-    applies each site's ``poutine.scale`` factor (β, annealing); log p(x) estimators leave it off.
+    ``x``: the data as the program takes them — a tensor, a tuple of positional arguments, a
+    dict of keyword arguments (or a :class:`~ppvae.inference.program.ProgramData`); ``y``, when
+    given, is one more positional argument. The data plate is found (``data_plate`` overrides
+    it). Enumerated discrete latents are summed out exactly, so the weights are
+    Rao-Blackwellised. Differentiable (objectives use it); wrap in ``torch.no_grad()`` for
+    evaluation. ``scaled`` applies each site's ``poutine.scale`` factor (β, annealing); log p(x)
+    estimators leave it off.
     """
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise PPVAEError(f"num_particles must be an integer >= 1, got {num_particles!r}")
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must hold at least one data point along dim 0, got {tuple(x.shape)}")
-    nesting = plate_nesting(model, guide, x, y)
-    chunk = chunk_size or default_chunk_size(num_particles, x.shape[0])
+        raise PPVAEError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    data = ProgramData.of(x, y)
+    info = program_info(model, guide, data, data_plate)
+    if info.subsampled and not scaled:
+        raise ContractError(
+            f"plate {info.data_plate!r} subsamples inside the program ({info.subsampled}); "
+            "per-point estimators need every point of the batch: pass the points to evaluate "
+            "as the data instead of subsampling inside"
+        )
+    return chunked_log_weights(model, guide, data, info, num_particles, chunk_size, scaled=scaled)
+
+
+def chunked_log_weights(
+    model: Callable,
+    guide: Callable,
+    data: ProgramData,
+    info: ProgramInfo,
+    num_particles: int,
+    chunk_size: int | None = None,
+    *,
+    scaled: bool = False,
+) -> torch.Tensor:
+    """:func:`chunk_log_weights` over ``num_particles`` in chunks: ``[num_particles, N]``."""
+    chunk = chunk_size or default_chunk_size(num_particles, data.num_points)
     chunks = []
     for start in range(0, num_particles, chunk):
         size = min(chunk, num_particles - start)
-        chunks.append(_chunk_log_weights(model, guide, x, y, size, nesting, data_plate, scaled))
+        chunks.append(chunk_log_weights(model, guide, data, size, info, scaled=scaled)[0])
     return torch.cat(chunks, dim=0)
 
 
@@ -233,9 +298,9 @@ def elbo(
     *,
     num_particles: int = 1,
     chunk_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
 ) -> torch.Tensor:
-    """Monte Carlo ELBO per data point, ``[N]``."""
+    """Monte Carlo ELBO per data point, ``[N]`` (enumerated latents summed out inside)."""
     log_w = log_weights(
         model,
         guide,
@@ -260,7 +325,7 @@ def iwae_bound(
     *,
     num_particles: int,
     chunk_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
 ) -> torch.Tensor:
     """The K-sample importance-weighted bound per data point, ``[N]``."""
     log_w = log_weights(
@@ -301,10 +366,13 @@ def log_marginal(
     *,
     num_samples: int = 5000,
     chunk_size: int | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     return_stderr: bool = False,
 ):
-    """Importance-sampling estimate of log p(x_n), ``[N]`` (and its standard error if asked)."""
+    """Importance-sampling estimate of log p(x_n), ``[N]`` (and its standard error if asked).
+
+    With several observed sites it is log p of all of them (``program_info(...).density_name``
+    names it, e.g. ``log p(x, y)``)."""
     with torch.no_grad():
         log_w = log_weights(
             model,
@@ -327,28 +395,39 @@ class PosteriorTarget:
     ``z: [K, N, D]`` with ``D`` the total number of latent elements (site order: the guide's).
     ``log_joint(z)`` and ``log_guide(z)`` return ``[K, N]`` and are differentiable in ``z``;
     values are in each site's support (``real_support`` says whether every site lives in R^D).
+    The program runs on the particle path :func:`~ppvae.inference.program.program_info` chose
+    (vectorised or replicated), like every estimator.
     """
 
     def __init__(
-        self, model: Callable, guide: Callable, x: torch.Tensor, y=None, *, data_plate="data"
+        self, model: Callable, guide: Callable, x, y=None, *, data_plate: str | None = None
     ):
-        self.model, self.guide, self.x, self.y = model, guide, x, y
-        self.data_plate = data_plate
-        self.num_data = x.shape[0]
-        self.nesting = plate_nesting(model, guide, x, y)
-        with torch.no_grad(), forked_rng(x):
-            latents, _ = self._sample(1)
-        # name -> (value shape under a 1-particle plate, index of the data axis, flat slice)
+        self.model, self.guide = model, guide
+        self.data = ProgramData.of(x, y)
+        self.info = program_info(model, guide, self.data, data_plate)
+        if self.info.enumerated:
+            raise ContractError(
+                "this program enumerates discrete latents; samplers move continuous latents "
+                "only (use the importance-sampling estimators, which sum them out)"
+            )
+        self.data_plate = self.info.data_plate
+        self.num_data = self.data.num_points
+        self.vectorised = self.info.particles == VECTORISED
+        with torch.no_grad(), forked_rng(self.data.device):
+            _, values = chunk_log_weights(model, guide, self.data, 1, self.info, keep_values=True)
+        # name -> (value shape with one particle, index of the data axis, flat slice)
         self.sites: dict[str, tuple[tuple[int, ...], int, slice]] = {}
         offset = 0
         self.real_support = True
-        for name, site in latents.items():
+        for name, (value, site) in values.items():
             event_dim = len(site["fn"].event_shape)
-            value = site["value"]
-            batch_ndim = -self.particle_dim
+            data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == self.data_plate)
             shape = tuple(value.shape)
-            shape = (1,) * (batch_ndim + event_dim - len(shape)) + shape
-            data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == data_plate)
+            if self.vectorised:
+                batch_ndim = self.info.nesting + 1
+                shape = (1,) * (batch_ndim + event_dim - len(shape)) + shape
+            else:
+                batch_ndim = len(shape) - event_dim
             axis = batch_ndim + data_dim
             size = math.prod(shape) // shape[axis]
             self.sites[name] = (shape, axis, slice(offset, offset + size))
@@ -360,63 +439,67 @@ class PosteriorTarget:
         self.dim = offset
 
     @property
-    def particle_dim(self) -> int:
-        return -(self.nesting + 1)
-
-    def _sample(self, num_particles: int):
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=self.particle_dim):
-            model_trace, guide_trace = _trace_pair(self.model, self.guide, self.x, self.y)
-        _check_contract(model_trace, guide_trace, self.data_plate, self.num_data)
-        latents = {n: s for n, s in sample_sites(guide_trace) if not s["is_observed"]}
-        return latents, guide_trace
+    def x(self) -> torch.Tensor:
+        return self.data.first
 
     def pack(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Site values (as the sites take them under a K-particle plate) -> ``[K, N, D]``."""
-        num_particles = next(iter(values.values())).shape[0]
+        """Site values (as the sites take them with K particles) -> ``[K, N, D]``."""
         parts = []
         for name, (shape, axis, _) in self.sites.items():
-            full = list(shape)
-            full[0], full[axis] = num_particles, self.num_data
-            value = values[name].expand(full).movedim(axis, 1)
-            parts.append(value.reshape(num_particles, self.num_data, -1))
+            value = values[name]
+            if self.vectorised:
+                value = value.reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape))
+                num = value.shape[0]
+                value = value.movedim(axis, 1)
+            else:
+                num = value.shape[axis] // self.num_data
+                value = value.unflatten(axis, (num, self.num_data)).movedim(axis, 0)
+                value = value.movedim(axis + 1, 1)
+            parts.append(value.reshape(num, self.num_data, -1))
         return torch.cat(parts, dim=-1)
 
     def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[K, N, D]`` -> site values in the shapes the sites take under a K-particle plate."""
-        num_particles = z.shape[0]
+        """``[K, N, D]`` -> site values in the shapes the sites take with K particles."""
+        num = z.shape[0]
         values = {}
         for name, (shape, axis, where) in self.sites.items():
-            moved = list(shape)
-            moved[0], moved[axis] = num_particles, self.num_data
-            moved.insert(1, moved.pop(axis))
-            values[name] = z[..., where].reshape(moved).movedim(1, axis)
+            rest = [size for i, size in enumerate(shape) if i not in (0, axis)]
+            if self.vectorised:
+                value = z[..., where].reshape([num, self.num_data] + rest).movedim(1, axis)
+            else:
+                rest = [size for i, size in enumerate(shape) if i != axis]
+                value = z[..., where].reshape([num, self.num_data] + rest)
+                value = value.movedim(1, axis + 1).movedim(0, axis).flatten(axis, axis + 1)
+            values[name] = value
         return values
 
     def sample_guide(self, num_particles: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``z ~ q(z | x_n)``: ``([K, N, D], log q(z | x_n) [K, N])``."""
-        latents, guide_trace = self._sample(num_particles)
-        z = self.pack({name: site["value"] for name, site in latents.items()})
-        return z, self._sum(guide_trace, num_particles)
+        trace = self._trace(self.guide, num_particles)
+        z = self.pack({n: s["value"] for n, s in sample_sites(trace) if not s["is_observed"]})
+        return z, self._sum(trace, num_particles)
+
+    def _trace(self, fn: Callable, num_particles: int, values: dict | None = None):
+        fn = fn if values is None else poutine.condition(fn, data=values)
+        if self.vectorised:
+            with pyro.plate(PARTICLE_PLATE, num_particles, dim=self.info.particle_dim):
+                return poutine.trace(fn).get_trace(*self.data.args, **self.data.kwargs)
+        data = self.data.tile(num_particles)
+        return poutine.trace(fn).get_trace(*data.args, **data.kwargs)
 
     def _sum(self, trace, num_particles: int) -> torch.Tensor:
+        particle_dim = self.info.particle_dim if self.vectorised else None
         total = self.x.new_zeros(num_particles, self.num_data)
         for _, site in sample_sites(trace):
             total = total + site_log_prob(
-                site, self.data_plate, self.particle_dim, num_particles, self.num_data, False
+                site, self.data_plate, particle_dim, num_particles, self.num_data, False
             )
         return total
 
-    def _log_density(self, fn: Callable, z: torch.Tensor) -> torch.Tensor:
-        num_particles = z.shape[0]
-        conditioned = poutine.condition(fn, data=self.unpack(z))
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=self.particle_dim):
-            trace = poutine.trace(conditioned).get_trace(self.x, self.y)
-        return self._sum(trace, num_particles)
-
     def log_joint(self, z: torch.Tensor) -> torch.Tensor:
         """log p(x_n, z_kn), ``[K, N]``."""
-        return self._log_density(self.model, z)
+        return self._sum(self._trace(self.model, z.shape[0], self.unpack(z)), z.shape[0])
 
     def log_guide(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z_kn | x_n), ``[K, N]``."""
-        return self._log_density(self.guide, z)
+        return self._sum(self._trace(self.guide, z.shape[0], self.unpack(z)), z.shape[0])

@@ -82,11 +82,12 @@ from ppvae.errors import PPVAEError
 from ppvae.inference.collapse import data_dim, kl_terms, latent_sites, points_by_dimension
 from ppvae.inference.importance import (
     PARTICLE_PLATE,
+    chunked_log_weights,
     forked_rng,
     log_mean_exp,
-    log_weights,
     site_log_prob,
 )
+from ppvae.inference.program import ProgramData, ProgramInfo, density_sites, program_info
 
 OBJECTIVES = ("elbo", "mean-field", "iwae", "iwae-dreg")
 ESTIMATORS = ("reparam", "dreg")
@@ -134,39 +135,38 @@ def _unconstrained(value: torch.Tensor) -> torch.Tensor:
 
 
 class _RecordingGuide:
-    """The guide as ``log_weights`` sees it: keeps each particle chunk's guide trace and, for DReG,
-    log q evaluated at the detached samples (its φ-gradient is the score-function term).
+    """The guide as ``chunked_log_weights`` runs it: keeps each particle chunk's guide trace and,
+    for DReG, log q evaluated at the detached samples (its φ-gradient is the score-function
+    term), ``[chunk, N]``."""
 
-    The contract probe that ``log_weights`` runs before the particle chunks draws from the global
-    RNG; it runs here on a forked RNG, so a seed gives the same particles as ``Trace_ELBO``.
-    """
-
-    def __init__(self, guide: Callable, data_plate: str, with_score: bool):
-        self.guide, self.data_plate, self.with_score = guide, data_plate, with_score
+    def __init__(self, guide: Callable, info: ProgramInfo, num_data: int, with_score: bool):
+        self.guide, self.info, self.num_data = guide, info, num_data
+        self.with_score = with_score
         self.traces: list = []
         self.scores: list[torch.Tensor] = []
 
-    def __call__(self, x, y=None):
-        particles = _active_particle_plate()
-        if particles is None:
-            with forked_rng(x):
-                return self.guide(x, y)
+    def __call__(self, *args, **kwargs):
         handler = poutine.trace(self.guide)
-        result = handler(x, y)
+        result = handler(*args, **kwargs)
         self.traces.append(handler.trace)
         if self.with_score:
-            self.scores.append(self._score(handler.trace, x, y, particles))
+            self.scores.append(self._score(handler.trace, args, kwargs))
         return result
 
-    def _score(self, trace, x, y, particles) -> torch.Tensor:
+    def _score(self, trace, args, kwargs) -> torch.Tensor:
         with poutine.block():
-            replayed = poutine.trace(poutine.replay(self.guide, trace=_detached(trace))).get_trace(
-                x, y
-            )
-        score = x.new_zeros(particles.size, x.shape[0])
+            replay = poutine.replay(self.guide, trace=_detached(trace))
+            replayed = poutine.trace(replay).get_trace(*args, **kwargs)
+        particles = _active_particle_plate()
+        if particles is not None:
+            particle_dim, num = particles.dim, particles.size
+        else:  # replicated: the data plate holds num * N rows
+            particle_dim = None
+            num = ProgramData(args, kwargs).num_points // self.num_data
+        score = 0.0
         for _, site in latent_sites(replayed):
             score = score + site_log_prob(
-                site, self.data_plate, particles.dim, particles.size, x.shape[0], scaled=True
+                site, self.info.data_plate, particle_dim, num, self.num_data, scaled=True
             )
         return score  # [chunk, N]
 
@@ -178,7 +178,8 @@ class IWAE_ELBO(ELBO):
     :param estimator: ``"reparam"`` (autograd through the bound) or ``"dreg"`` (doubly
         reparameterised guide gradients [2]).
     :param chunk_size: particles per forward pass (``log_weights``' default if None).
-    :param data_plate: name of the plate over data points.
+    :param data_plate: name of the plate over data points (None: found, see
+        :func:`ppvae.inference.program.find_data_plate`).
 
     ``loss`` / ``differentiable_loss`` are ``−(N_total/B) Σ_n IWAE_n`` (a batch sum, like
     ``Trace_ELBO``). For DReG, ``differentiable_loss`` computes the gradient itself and returns
@@ -191,7 +192,7 @@ class IWAE_ELBO(ELBO):
         *,
         estimator: str = "reparam",
         chunk_size: int | None = None,
-        data_plate: str = "data",
+        data_plate: str | None = None,
     ):
         if estimator not in ESTIMATORS:
             raise PPVAEError(f"unknown IWAE gradient estimator {estimator!r}; use reparam or dreg")
@@ -213,59 +214,56 @@ class IWAE_ELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("IWAE_ELBO draws its particles through log_weights")
 
-    def _log_weights(self, model, guide, x, y):
+    def _log_weights(self, model, guide, args, kwargs):
         """Unscaled-by-batch log-weights ``[K, N]``, their DReG twin (or None), the batch scale."""
-        recorder = _RecordingGuide(guide, self.data_plate, with_score=self.estimator == "dreg")
-        log_w = log_weights(
-            model,
-            recorder,
-            x,
-            y,
-            num_particles=self.num_particles,
-            chunk_size=self.chunk_size,
-            data_plate=self.data_plate,
-            scaled=True,
+        data = ProgramData(args, kwargs)
+        info = program_info(model, guide, data, self.data_plate)
+        recorder = _RecordingGuide(
+            guide, info, data.num_points, with_score=self.estimator == "dreg"
+        )
+        log_w = chunked_log_weights(
+            model, recorder, data, info, self.num_particles, self.chunk_size, scaled=True
         )
         name = "the IWAE objective" if self.estimator == "reparam" else "DReG"
         _check_reparameterised(recorder.traces[0], name)
-        scale = _data_scale(recorder.traces[0], self.data_plate)
+        scale = _data_scale(recorder.traces[0], info.data_plate)
         log_w = log_w / scale  # [K, N]; every site carries the data plate's factor
         if self.estimator == "reparam":
             return log_w, None, scale
         score = torch.cat(recorder.scores, dim=0) / scale  # [K, N]: ∇φ of this is the score term
         return log_w, log_w + score - score.detach(), scale
 
-    def per_point(self, model, guide, x, y=None) -> torch.Tensor:
+    def per_point(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """IWAE_n for each point of the batch, ``[B]`` (differentiable, no batch scale)."""
-        return log_mean_exp(self._log_weights(model, guide, x, y)[0])
+        return log_mean_exp(self._log_weights(model, guide, args, kwargs)[0])
 
     @torch.no_grad()
-    def loss(self, model, guide, x, y=None) -> float:
-        log_w, _, scale = self._log_weights(model, guide, x, y)
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        log_w, _, scale = self._log_weights(model, guide, args, kwargs)
         loss = -scale * float(log_mean_exp(log_w).sum())
         warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(self, model, guide, x, y=None) -> torch.Tensor:
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         if self.estimator == "reparam":
-            log_w, _, scale = self._log_weights(model, guide, x, y)
+            log_w, _, scale = self._log_weights(model, guide, args, kwargs)
             loss = -scale * log_mean_exp(log_w).sum()
             warn_if_nan(loss, "loss")
             return loss
-        return self._dreg_loss(model, guide, x, y)
+        return self._dreg_loss(model, guide, args, kwargs)
 
-    def loss_and_grads(self, model, guide, x, y=None) -> float:
-        loss = self.differentiable_loss(model, guide, x, y)
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return float(loss.detach())
 
     # DReG ---------------------------------------------------------------------------------
-    def _dreg_loss(self, model, guide, x, y) -> torch.Tensor:
+    def _dreg_loss(self, model, guide, args, kwargs) -> torch.Tensor:
         with poutine.trace(param_only=True) as captured:
-            log_w, log_w_path, scale = self._log_weights(model, guide, x, y)
+            log_w, log_w_path, scale = self._log_weights(model, guide, args, kwargs)
         leaves = {_unconstrained(site["value"]) for site in captured.trace.nodes.values()}
-        model_leaves, guide_leaves = self._split_parameters(model, guide, x, y, leaves)
+        model_leaves, guide_leaves = self._split_parameters(model, guide, args, kwargs, leaves)
         normalized = torch.softmax(log_w.detach(), dim=0)  # [K, N]
         model_surrogate = -scale * (normalized * log_w_path).sum()
         guide_surrogate = -scale * (normalized.square() * log_w_path).sum()
@@ -286,7 +284,7 @@ class IWAE_ELBO(ELBO):
         linear = sum((p * g).sum() for p, g in gradients)
         return loss + (linear - linear.detach())
 
-    def _split_parameters(self, model, guide, x, y, leaves) -> tuple[list, list]:
+    def _split_parameters(self, model, guide, args, kwargs, leaves) -> tuple[list, list]:
         """(model parameters, guide parameters): a guide parameter is one the guide's samples
         depend on. Probed on two data points with a forked RNG, cached per parameter set."""
         key = (
@@ -298,15 +296,15 @@ class IWAE_ELBO(ELBO):
         )
         if self._parameter_split is not None and self._parameter_split[0] == key:
             return self._parameter_split[1], self._parameter_split[2]
-        xb, yb = x[:2], None if y is None else y[:2]
+        probe = ProgramData(args, kwargs).select(slice(0, 2))
         with (
-            forked_rng(x),
+            forked_rng(probe.device),
             torch.enable_grad(),
             poutine.trace(param_only=True) as param_capture,  # what SVI would optimise
         ):
-            guide_trace = poutine.trace(guide).get_trace(xb, yb)
+            guide_trace = poutine.trace(guide).get_trace(*probe.args, **probe.kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=_detached(guide_trace)))
-            model_trace = model_trace.get_trace(xb, yb)
+            model_trace = model_trace.get_trace(*probe.args, **probe.kwargs)
         params: dict[str, torch.Tensor] = {}
         for name, site in param_capture.trace.nodes.items():
             if site["type"] == "param" and _unconstrained(site["value"]).requires_grad:
@@ -358,7 +356,8 @@ class KLWeighted_ELBO(ELBO):
     :param analytic_kl: closed-form KL for each site where ``kl_divergence`` knows the pair and
         the guide draws the parents of the site's prior before the site, else the Monte Carlo
         estimate log q(z) − log p(z); False: Monte Carlo for every site.
-    :param data_plate: name of the plate over data points.
+    :param data_plate: name of the plate over data points (None: found, see
+        :func:`ppvae.inference.program.find_data_plate`).
     """
 
     def __init__(
@@ -369,7 +368,7 @@ class KLWeighted_ELBO(ELBO):
         kl_warmup: int = 0,
         free_bits: float = 0.0,
         analytic_kl: bool = True,
-        data_plate: str = "data",
+        data_plate: str | None = None,
     ):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise PPVAEError(f"num_particles must be an integer >= 1, got {num_particles!r}")
@@ -411,28 +410,31 @@ class KLWeighted_ELBO(ELBO):
             check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
-    def _objective(self, model, guide, x, y) -> torch.Tensor:
+    def _objective(self, model, guide, args, kwargs) -> torch.Tensor:
         """The (scaled, batch-summed) objective to maximise, differentiable."""
         reconstruction = 0.0
         kl_sum: dict[str, torch.Tensor] = {}
         scale = 1.0
-        for model_trace, guide_trace in self._get_traces(model, guide, (x, y), {}):
+        data = ProgramData(args, kwargs)
+        num_points = data.num_points
+        data_plate = program_info(model, guide, data, self.data_plate).data_plate
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             _check_reparameterised(guide_trace, "the KL-weighted ELBO")
-            scale = _data_scale(guide_trace, self.data_plate)
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample" and site["is_observed"]:
+            scale = _data_scale(guide_trace, data_plate)
+            for _, site in density_sites(model_trace):
+                if site["is_observed"]:
                     reconstruction = reconstruction + site["log_prob_sum"] / self.num_particles
             for name, guide_site, kl, event_ndim in kl_terms(
                 model_trace, guide_trace, analytic=self.analytic_kl
             ):
                 kl = kl * (guide_site["scale"] / scale)  # weights other than the batch scale
                 kl = points_by_dimension(
-                    kl, event_ndim, data_dim(guide_site, self.data_plate), x.shape[0]
+                    kl, event_ndim, data_dim(guide_site, data_plate), num_points
                 )[0]  # [B, G]
                 kl_sum[name] = kl_sum.get(name, 0.0) + kl / self.num_particles
         if self.free_bits > 0.0:
             penalty = sum(
-                x.shape[0] * torch.clamp(kl.mean(dim=0), min=self.free_bits).sum()
+                num_points * torch.clamp(kl.mean(dim=0), min=self.free_bits).sum()
                 for kl in kl_sum.values()
             )
         else:
@@ -440,18 +442,18 @@ class KLWeighted_ELBO(ELBO):
         return reconstruction - self.kl_weight * scale * penalty
 
     @torch.no_grad()
-    def loss(self, model, guide, x, y=None) -> float:
-        loss = -float(self._objective(model, guide, x, y))
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        loss = -float(self._objective(model, guide, args, kwargs))
         warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(self, model, guide, x, y=None) -> torch.Tensor:
-        loss = -self._objective(model, guide, x, y)
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        loss = -self._objective(model, guide, args, kwargs)
         warn_if_nan(loss, "loss")
         return loss
 
-    def loss_and_grads(self, model, guide, x, y=None) -> float:
-        loss = self.differentiable_loss(model, guide, x, y)
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return float(loss.detach())

@@ -9,12 +9,16 @@ float conversion is a host sync per step on a GPU. :class:`SVIStep` does the sam
 one torch optimizer over all parameters (fused Adam where torch has it) built from the same
 ``PyroOptim`` description, and a loss kept on the device.
 
-Parameters are the module's: a model that creates ``pyro.param`` sites outside the module is
-refused with a clear error, because a checkpoint (``module.state_dict()``) would not hold them.
-Every trainable parameter of the module is optimised, also one the program never exposes as a
-``pyro.param`` site (a module without ``pyro.module``; a ``PyroParam`` read outside the
-module's context), which plain ``SVI`` would leave untouched; DReG, which finds the guide's
-parameters through those sites, refuses such a module.
+Parameters are the module's and the program's own ``pyro.param`` sites outside any module
+(found on a probe of the first batch, optimised, and saved in checkpoints by ``fit`` through
+:meth:`SVIStep.param_state`). Every trainable parameter of the module is optimised, also one the
+program never exposes as a ``pyro.param`` site (a module without ``pyro.module``; a
+``PyroParam`` read outside the module's context), which plain ``SVI`` would leave untouched;
+DReG, which finds the guide's parameters through those sites, refuses such a module.
+
+``loss`` is one ELBO for ``module.model`` / ``module.guide``, or several objectives summed in one
+step: a list whose entries are ELBOs (for the module's pair) or ``(elbo, model, guide)`` triples
+(e.g. a semi-supervised VAE's ELBO plus its classifier's loss on another model/guide pair).
 """
 
 from __future__ import annotations
@@ -29,27 +33,58 @@ import torch
 from torch import nn
 
 from ppvae.contract import ModuleParameters
-from ppvae.errors import ContractError
-from ppvae.inference.importance import forked_rng
+from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference.program import (
+    ProgramData,
+    check_training_contract,
+    forked_rng,
+    preserved_buffers,
+)
 
 _FUSED_CAPABLE = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def _param_sites(module: nn.Module, x: torch.Tensor, y) -> list[tuple[str, torch.Tensor, bool]]:
+def _param_sites(objectives, batch: ProgramData) -> list[tuple[str, torch.Tensor, bool]]:
     """(name, unconstrained tensor, whether the constraint is the identity) of every
-    ``pyro.param`` the model and guide touch on one batch."""
+    ``pyro.param`` the models and guides touch on one batch (the model/guide contract is checked
+    on the way, before the first step)."""
+    owners = {
+        getattr(fn, "__self__", None) for _, model, guide in objectives for fn in (model, guide)
+    }
     with (
         torch.no_grad(),
-        forked_rng(x),
+        forked_rng(batch.device),
+        preserved_buffers(*owners),
         poutine.trace(param_only=True) as capture,
     ):
-        guide_trace = poutine.trace(module.guide).get_trace(x, y)
-        poutine.replay(module.model, trace=guide_trace)(x, y)
-    return [
-        (name, site["value"].unconstrained(), site["value"] is site["value"].unconstrained())
-        for name, site in capture.trace.nodes.items()
-        if site["type"] == "param"
-    ]
+        for _, model, guide in objectives:
+            check_training_contract(model, guide, batch)
+    sites, seen = [], set()
+    for name, site in capture.trace.nodes.items():
+        if site["type"] == "param" and name not in seen:
+            seen.add(name)
+            value = site["value"]
+            unconstrained = value.unconstrained() if hasattr(value, "unconstrained") else value
+            sites.append((name, unconstrained, value is unconstrained))
+    return sites
+
+
+def objective_list(module, loss) -> list[tuple]:
+    """``[(elbo, model, guide), ...]`` from ``fit``'s ``loss`` (one ELBO or a list)."""
+    entries = loss if isinstance(loss, (list, tuple)) else [loss]
+    objectives = []
+    for entry in entries:
+        if isinstance(entry, (list, tuple)):
+            if len(entry) != 3:
+                raise PPVAEError(
+                    "each entry of loss=[...] is an ELBO or an (elbo, model, guide) triple"
+                )
+            objectives.append(tuple(entry))
+        else:
+            objectives.append((entry, module.model, module.guide))
+    if not objectives:
+        raise PPVAEError("loss=[] holds no objective; pass an ELBO such as Trace_ELBO()")
+    return objectives
 
 
 @contextlib.contextmanager
@@ -68,30 +103,30 @@ class SVIStep:
 
     def __init__(
         self,
-        module: nn.Module,
-        loss: pyro.infer.ELBO,
+        module,
+        loss,
         optimizer: pyro.optim.PyroOptim,
-        first_batch: tuple[torch.Tensor, torch.Tensor | None],
+        first_batch: ProgramData,
         *,
         validate_every_step: bool | None = None,
     ):
-        self.module, self.loss = module, loss
+        self.module = module
+        self.objectives = objective_list(module, loss)
+        if not isinstance(first_batch, ProgramData):
+            first_batch = ProgramData.of(first_batch)
+        self.loss = self.objectives[0][0]
         if validate_every_step is None:  # the zoo checks its data itself (check_data)
             validate_every_step = not callable(getattr(module, "check_data", None))
         self.validate_every_step = validate_every_step
         self._validated = False
-        own = {id(p) for p in module.parameters()}
-        sites = _param_sites(module, *first_batch)
-        foreign = [name for name, p, _ in sites if id(p) not in own]
-        if foreign:
-            raise ContractError(
-                f"pyro.param site(s) {foreign} are not parameters of the module, so checkpoints "
-                "would not save them; make them nn.Parameter attributes of the module (and call "
-                "pyro.module(name, self) in model and guide)"
-            )
+        module_params = dict(module.named_parameters()) if isinstance(module, nn.Module) else {}
+        own = {id(p) for p in module_params.values()}
+        sites = _param_sites(self.objectives, first_batch)
+        # pyro.param sites of the program itself (outside any module): trained and checkpointed
+        self.program_params = {name: p for name, p, _ in sites if id(p) not in own}
         seen = {id(p) for _, p, _ in sites}
-        unseen = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
-        if unseen and getattr(loss, "needs_param_sites", False):
+        unseen = [n for n, p in module_params.items() if p.requires_grad and id(p) not in seen]
+        if unseen and any(getattr(o[0], "needs_param_sites", False) for o in self.objectives):
             raise ContractError(
                 f"{type(loss).__name__} finds the parameters it trains through pyro.param sites, "
                 f"but module parameter(s) {unseen[:3]}{' ...' if len(unseen) > 3 else ''} are "
@@ -101,11 +136,19 @@ class SVIStep:
         self._module_params = ModuleParameters(
             {name: p for name, p, identity in sites if identity and p.requires_grad}
         )
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module_params.values() if p.requires_grad]
+        params += [p for p in self.program_params.values() if p.requires_grad]
+        if not params:
+            raise ContractError(
+                "the model and guide have no trainable parameters (no nn.Module parameters and "
+                "no pyro.param sites); there is nothing to fit"
+            )
         self.params = params
         self.optimizer = self._build(optimizer, params)
         self.clip_args = optimizer.pt_clip_args if not callable(optimizer.pt_clip_args) else None
-        self._differentiable = callable(getattr(loss, "differentiable_loss", None))
+        self._differentiable = all(
+            callable(getattr(o[0], "differentiable_loss", None)) for o in self.objectives
+        )
 
     @staticmethod
     def _build(spec: pyro.optim.PyroOptim, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -125,29 +168,37 @@ class SVIStep:
             kwargs["fused"] = True
         return constructor(params, **kwargs)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """One update. With ``validate_every_step=False`` Pyro's argument and support checks run
+    def step(self, batch, y: torch.Tensor | None = None) -> torch.Tensor:
+        """One update on ``batch`` (a :class:`ProgramData`, or the data as ``ProgramData.of``
+        takes them). With ``validate_every_step=False`` Pyro's argument and support checks run
         on the first step only (they cost about a fifth of a small step); the default (None) does
         that for modules with a ``check_data`` method, whose data ``fit`` checks batch by batch,
         and keeps the checks on every step for other models. A NaN that appears later still
         surfaces as a non-finite loss."""
+        if not isinstance(batch, ProgramData):
+            batch = ProgramData.of(batch, y)
         if self._validated and not self.validate_every_step:
             with _validation_off():
-                return self._step(x, y)
-        value = self._step(x, y)
+                return self._step(batch)
+        value = self._step(batch)
         self._validated = True
         return value
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _step(self, batch: ProgramData) -> torch.Tensor:
+        args, kwargs = batch.args, batch.kwargs
         if self._differentiable:
             with self._module_params:
-                loss = self.loss.differentiable_loss(self.module.model, self.module.guide, x, y)
-            if loss.requires_grad:
+                loss = sum(
+                    elbo.differentiable_loss(model, guide, *args, **kwargs)
+                    for elbo, model, guide in self.objectives
+                )
+            if torch.is_tensor(loss) and loss.requires_grad:
                 loss.backward()
-            value = loss.detach()
+            value = torch.as_tensor(loss).detach()
         else:
-            value = torch.as_tensor(
-                self.loss.loss_and_grads(self.module.model, self.module.guide, x, y)
+            value = sum(
+                torch.as_tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
+                for elbo, model, guide in self.objectives
             )
         if self.clip_args:
             if "clip_norm" in self.clip_args:
@@ -167,3 +218,18 @@ class SVIStep:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    def param_state(self) -> dict[str, torch.Tensor]:
+        """The program's own ``pyro.param`` sites (unconstrained values), for checkpoints."""
+        return {name: p.detach().cpu() for name, p in self.program_params.items()}
+
+    def load_param_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        missing = sorted(set(self.program_params) - set(state))
+        if missing:
+            raise PPVAEError(
+                f"{source} holds no value for pyro.param site(s) {missing}; it was written by "
+                "another program — start a new run (another --run-dir)"
+            )
+        with torch.no_grad():
+            for name, p in self.program_params.items():
+                p.copy_(state[name].to(p.device, p.dtype))

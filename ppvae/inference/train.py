@@ -15,7 +15,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,7 +41,9 @@ from ppvae.checkpoint import (
 from ppvae.data import DynamicBinarization, check_finite, check_unit_interval
 from ppvae.errors import ContractError, DivergenceError, PPVAEError
 from ppvae.inference.importance import elbo
-from ppvae.inference.svi_step import SVIStep
+from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO
+from ppvae.inference.program import ProgramData
+from ppvae.inference.svi_step import SVIStep, objective_list
 
 LAST_CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
@@ -86,32 +88,31 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _as_pair(data) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(data, torch.Tensor):
-        return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if y is not None and y.shape[0] != x.shape[0]:
-            raise PPVAEError(f"x has {x.shape[0]} points but y has {y.shape[0]}; they must match")
-        return x, y
-    raise PPVAEError(
-        "data must be a tensor [N, ...], a pair (x, y) of tensors, a torch Dataset or a DataLoader"
-    )
+def as_program_data(data) -> ProgramData:
+    """``fit``'s tensor / ``(x, y)`` / tuple / dict data as the program's arguments."""
+    try:
+        return ProgramData.of(data)
+    except PPVAEError:
+        raise PPVAEError(
+            "data must be a tensor [N, ...], a pair (x, y) or tuple of tensors (positional "
+            "arguments), a dict of tensors (keyword arguments), a torch Dataset or a DataLoader"
+        ) from None
 
 
 class _Batches:
-    """Uniform access to fit's kinds of ``data``: yields ``(x, y)`` batches on ``device``."""
+    """Uniform access to fit's kinds of ``data``: yields :class:`ProgramData` batches on
+    ``device`` (the program is called with each batch's arguments as they are)."""
 
     def __init__(self, data, batch_size: int, device: torch.device, seed: int):
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.check: Callable[[torch.Tensor], None] | None = None  # for batches drawn later
         self.recheck_epochs = hasattr(data, "epoch") and not isinstance(data, DynamicBinarization)
         self.loader = None
-        self.epoch_fn: Callable[[int], tuple] | None = None
+        self.epoch_fn: Callable[[int], ProgramData] | None = None
         if isinstance(data, torch.utils.data.DataLoader):
             self.loader = data
         elif hasattr(data, "epoch"):
-            self.epoch_fn = data.epoch
+            self.epoch_fn = lambda epoch: as_program_data(data.epoch(epoch))
             self.num_data = len(data)
         elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list)):
             generator = torch.Generator().manual_seed(seed)
@@ -119,10 +120,9 @@ class _Batches:
                 data, batch_size=batch_size, shuffle=True, generator=generator
             )
         else:
-            x, y = _as_pair(data)
-            self.fixed = (x.to(device), None if y is None else y.to(device))
+            self.fixed = as_program_data(data).to(device)
             self.epoch_fn = lambda epoch: self.fixed
-            self.num_data = x.shape[0]
+            self.num_data = self.fixed.num_points
         if self.loader is not None:
             self.num_data = len(self.loader.dataset)
 
@@ -131,78 +131,105 @@ class _Batches:
             return len(self.loader)
         return math.ceil(self.num_data / self.batch_size)
 
-    def first(self, view: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first batch; ``view``: epoch 0's ``(x, y)`` when the caller already holds it."""
+    def first(self, view: ProgramData | None = None) -> ProgramData:
+        """The first batch; ``view``: epoch 0's data when the caller already holds them."""
         if self.loader is not None:
-            return _split_batch(next(iter(self.loader)), self.device)
-        x, y = self.epoch_fn(0) if view is None else view
-        y = None if y is None else y[: self.batch_size]
-        return _split_batch((x[: self.batch_size], y), self.device)
+            return as_program_data(next(iter(self.loader))).to(self.device)
+        view = self.epoch_fn(0) if view is None else view
+        return view.select(slice(0, self.batch_size)).to(self.device)
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int) -> Iterator[ProgramData]:
         if self.loader is not None:
             if hasattr(self.loader.sampler, "set_epoch"):
                 self.loader.sampler.set_epoch(epoch)
             for batch in self.loader:
-                x, y = _split_batch(batch, None)
+                batch = as_program_data(batch)
                 if self.check is not None:
-                    self.check(x)
-                yield x.to(self.device), None if y is None else y.to(self.device)
+                    self.check(batch.first)
+                yield batch.to(self.device)
             return
-        x, y = self.epoch_fn(epoch)
+        view = self.epoch_fn(epoch)
         if self.check is not None and self.recheck_epochs:
-            self.check(x)
-        x = x.to(self.device)
-        y = None if y is None else y.to(self.device)
+            self.check(view.first)
+        view = view.to(self.device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(x.shape[0], generator=generator).to(self.device)
-        for start in range(0, x.shape[0], self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield x[index], None if y is None else y[index]
+        order = torch.randperm(view.num_points, generator=generator).to(self.device)
+        for start in range(0, view.num_points, self.batch_size):
+            yield view.select(order[start : start + self.batch_size])
 
 
-def _split_batch(batch, device):
-    """``(x, y)`` of a loader's batch, moved to ``device`` (None: left where it is)."""
-    if isinstance(batch, (tuple, list)):
-        x, y = batch[0], batch[1] if len(batch) > 1 else None
-    else:
-        x, y = batch, None
-    if device is None:
-        return x, y
-    return x.to(device), None if y is None else y.to(device)
+def _module_device(module) -> torch.device | None:
+    parameters = getattr(module, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return None if first is None else first.device
+
+
+def _points(data: ProgramData, batch_size: int, device) -> Iterator[ProgramData]:
+    for start in range(0, data.num_points, batch_size):
+        batch = data.select(slice(start, start + batch_size))
+        yield batch if device is None else batch.to(device)
 
 
 def validation_elbo(
-    module, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, num_particles: int = 1
+    module,
+    x,
+    y=None,
+    batch_size: int = 1000,
+    num_particles: int = 1,
+    data_plate: str | None = None,
 ) -> float:
-    """Mean per-point ELBO on held-out data (no gradients, batched)."""
-    device = next(module.parameters()).device
+    """Mean per-point ELBO on held-out data (no gradients, batched); ``x`` (and ``y``) as the
+    program takes them."""
+    data = ProgramData.of(x, y)
     total = 0.0
     with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device)
-            yb = None if y is None else y[start : start + batch_size].to(device)
+        for batch in _points(data, batch_size, _module_device(module)):
             total += float(
-                elbo(module.model, module.guide, xb, yb, num_particles=num_particles).sum()
+                elbo(
+                    module.model,
+                    module.guide,
+                    batch,
+                    num_particles=num_particles,
+                    data_plate=data_plate,
+                ).sum()
             )
-    return total / x.shape[0]
+    return total / data.num_points
 
 
-def validation_metrics(module, x, y, batch_size: int) -> dict[str, float]:
-    """``{"val_elbo": ...}``; for models without importance weights (a point-mass guide, a global
-    latent) ``{"val_loss": ...}``, the ``Trace_ELBO`` loss per data point."""
-    try:
-        return {"val_elbo": validation_elbo(module, x, y, batch_size)}
-    except ContractError:
-        pass
-    device = next(module.parameters()).device
+# objectives whose per-point value is the ELBO (ppvae's elbo estimator computes it per point)
+_ELBO_FAMILY = (Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, KLWeighted_ELBO, IWAE_ELBO)
+
+
+def validation_metrics(
+    module, data, batch_size: int, loss=None, data_plate: str | None = None
+) -> dict[str, float]:
+    """The validation number of the objective ``fit`` trains with, per data point.
+
+    ``{"val_elbo": ...}`` for the ELBO family (``Trace_ELBO``, ``TraceMeanField_ELBO``, ppvae's
+    objectives: the per-point ELBO from the log-weights; ``TraceEnum_ELBO``: its own enumerated
+    ELBO); otherwise, or where a program has no per-point weights (a point-mass guide, a global
+    latent), ``{"val_loss": ...}``, the training objective's own loss (all objectives summed) per
+    data point.
+    """
+    objectives = objective_list(module, Trace_ELBO() if loss is None else loss)
+    data = as_program_data(data)
+    first = objectives[0][0]
+    entries = loss if isinstance(loss, (list, tuple)) else [loss]
+    own_pair = len(entries) == 1 and not isinstance(entries[0], (list, tuple))
+    if own_pair and isinstance(first, _ELBO_FAMILY):
+        try:
+            elbo_value = validation_elbo(module, data, None, batch_size, data_plate=data_plate)
+            return {"val_elbo": elbo_value}
+        except ContractError:
+            pass
     total = 0.0
     with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device)
-            yb = None if y is None else y[start : start + batch_size].to(device)
-            total += Trace_ELBO().loss(module.model, module.guide, xb, yb)
-    return {"val_loss": total / x.shape[0]}
+        for batch in _points(data, batch_size, _module_device(module)):
+            for objective, model, guide in objectives:
+                total += objective.loss(model, guide, *batch.args, **batch.kwargs)
+    metric = "val_elbo" if own_pair and isinstance(first, TraceEnum_ELBO) else "val_loss"
+    value = total / data.num_points
+    return {metric: -value if metric == "val_elbo" else value}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -264,6 +291,7 @@ def fit(
     epoch_metrics: Callable[[nn.Module], dict] | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
     validate_every_step: bool | None = None,
+    data_plate: str | None = None,
 ) -> FitResult:
     """Train ``module.model`` / ``module.guide`` with SVI.
 
@@ -283,6 +311,15 @@ def fit(
     first only (False, faster); the default (None) checks every step unless the module has a
     ``check_data`` method (the zoo's models), whose data are checked as described below.
     The global Pyro param store is cleared first, so parameters of an earlier run cannot leak in.
+
+    The program is called with the data as they are (DESIGN §1): ``model(x)``,
+    ``model(x, y)``, keyword tensors from a dict, or a loader's batches. ``loss`` may be one ELBO
+    or a list of objectives summed in each step (ELBOs for the module's pair, or
+    ``(elbo, model, guide)`` triples). The contract (signatures, the guide covering the model's
+    latents) is checked on the first batch before any step; the program's own ``pyro.param``
+    sites outside the module are trained and checkpointed. Validation uses the objective trained
+    with (see :func:`validation_metrics`); ``data_plate`` names the plate over data points when
+    it cannot be found. ``train_loss`` is per data point, whatever size the batches are.
 
     Before anything is written, the data go through ``module.check_data`` (or a NaN/inf check):
     every training point of a tensor or pair, epoch 0's view of an ``epoch(e)`` object (and the
@@ -305,7 +342,7 @@ def fit(
     config = dict(config or {})
 
     pyro.clear_param_store()
-    module.to(device)
+    _to_device(module, device)
     result = FitResult(run_dir=run_dir)
     start_epoch = 1
     if resume:
@@ -315,8 +352,9 @@ def fit(
                 f"{run_dir} already has {checkpoint['epoch']} epochs, and epochs={epochs}; "
                 f"pass a larger epochs (--epochs) than {checkpoint['epoch']} to train more"
             )
-        restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
-        module.to(device)
+        if isinstance(module, nn.Module):
+            restore_module(module, checkpoint, source=str(run_dir / LAST_CHECKPOINT))
+        _to_device(module, device)
         set_rng_state(checkpoint["rng"])
         start_epoch = checkpoint["epoch"] + 1
         result.resumed_from_epoch = checkpoint["epoch"]
@@ -335,6 +373,9 @@ def fit(
     del first_batch  # it may be a view of the whole of epoch 0
     if resume:
         svi.load_state_dict(checkpoint["optimizer"])
+        svi.load_param_state(
+            checkpoint.get("program_params", {}), source=str(run_dir / LAST_CHECKPOINT)
+        )
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_history(run_dir / METRICS_FILE, result.history)
@@ -351,26 +392,29 @@ def fit(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_PYRO_NAN_WARNING, category=UserWarning)
             for epoch in range(start_epoch, epochs + 1):
-                module.train()
-                if hasattr(loss, "set_epoch"):
-                    loss.set_epoch(epoch)
+                _set_mode(module, train=True)
+                for objective, _, _ in svi.objectives:
+                    if hasattr(objective, "set_epoch"):
+                        objective.set_epoch(epoch)
                 if lr_schedule is not None:
                     svi.set_lr(lr_schedule(epoch))
                 bar.set_description(f"epoch {epoch}/{epochs}")
                 tic = time.perf_counter()
-                total_loss, steps = _train_epoch(svi, batches, epoch, bar, sync_every, run_dir)
-                if not _finite_state(module):
+                total_loss, steps, points = _train_epoch(
+                    svi, batches, epoch, bar, sync_every, run_dir
+                )
+                if not _finite_state(module, svi):
                     raise _divergence(
                         epoch, steps, "parameters became NaN/inf in the last step", run_dir
                     )
-                module.eval()
+                _set_mode(module, train=False)
                 record = {
                     "epoch": epoch,
-                    "train_loss": total_loss / batches.num_data,
+                    "train_loss": total_loss / points,
                     "seconds": time.perf_counter() - tic,
                 }
                 if validation is not None:
-                    metrics = _validate(module, validation, epoch, steps, run_dir)
+                    metrics = _validate(module, validation, loss, epoch, steps, run_dir, data_plate)
                     record.update(metrics)
                     ((metric, value),) = metrics.items()
                     score = value if metric == "val_elbo" else -value
@@ -405,7 +449,17 @@ def check_training_data(module: nn.Module, data, validation=None) -> None:
     _check_data(module, data, _Batches(data, 1, torch.device("cpu"), seed=0), validation)
 
 
-def _check_data(module, data, batches: _Batches, validation) -> tuple:
+def _to_device(module, device: torch.device) -> None:
+    if isinstance(module, nn.Module):
+        module.to(device)
+
+
+def _set_mode(module, train: bool) -> None:
+    if isinstance(module, nn.Module):
+        module.train(train)
+
+
+def _check_data(module, data, batches: _Batches, validation) -> ProgramData:
     """Check the training inputs that are cheap to reach (see ``fit``) and the validation inputs;
     return the first training batch."""
     module_check = getattr(module, "check_data", None)
@@ -418,7 +472,7 @@ def _check_data(module, data, batches: _Batches, validation) -> tuple:
 
     if batches.loader is not None:
         first = batches.first()
-        check(first[0], "the training data")
+        check(first.first, "the training data")
     else:
         source = getattr(data, "x", None)
         if isinstance(data, DynamicBinarization):
@@ -426,24 +480,25 @@ def _check_data(module, data, batches: _Batches, validation) -> tuple:
         elif hasattr(data, "epoch") and isinstance(source, torch.Tensor):
             check_finite(source, "the training data")
         view = batches.epoch_fn(0)
-        check(view[0], "the training data")
+        check(view.first, "the training data")
         first = batches.first(view)
     if validation is not None:
-        check(_as_pair(validation)[0], "the validation data")
+        check(as_program_data(validation).first, "the validation data")
     batches.check = lambda x: check(x, "the training data")
     return first
 
 
 def _train_epoch(
     svi: SVIStep, batches: _Batches, epoch: int, bar, sync_every: int, run_dir: Path | None
-) -> tuple[float, int]:
-    """One pass of SVI steps; returns the summed loss and the number of steps."""
+) -> tuple[float, int, int]:
+    """One pass of SVI steps; returns the summed loss, the number of steps and of points."""
     total_loss = torch.zeros((), device=batches.device, dtype=torch.float64)
-    steps = 0
-    for xb, yb in batches.epoch(epoch):
+    steps = points = 0
+    for batch in batches.epoch(epoch):
         steps += 1
+        points += batch.num_points
         try:
-            total_loss += svi.step(xb, yb)
+            total_loss += svi.step(batch)
         except ValueError as error:
             # Pyro's argument validation is where NaN parameters usually surface
             if not _diverged(svi.module, error):
@@ -455,14 +510,15 @@ def _train_epoch(
     total = float(total_loss)
     if not math.isfinite(total):
         raise _divergence(epoch, steps, f"loss={total}", run_dir)
-    return total, steps
+    return total, steps, max(points, 1)
 
 
-def _validate(module, validation, epoch: int, step: int, run_dir: Path | None) -> dict:
+def _validate(
+    module, validation, loss, epoch: int, step: int, run_dir: Path | None, data_plate
+) -> dict:
     """``validation_metrics``, with NaN turned into a ``DivergenceError``."""
-    val_x, val_y = _as_pair(validation)
     try:
-        metrics = validation_metrics(module, val_x, val_y, batch_size=1000)
+        metrics = validation_metrics(module, validation, 1000, loss=loss, data_plate=data_plate)
     except ValueError as error:
         if not _diverged(module, error):
             raise
@@ -473,9 +529,12 @@ def _validate(module, validation, epoch: int, step: int, run_dir: Path | None) -
     return metrics
 
 
-def _finite_state(module: nn.Module) -> bool:
+def _finite_state(module, svi: SVIStep | None = None) -> bool:
     """Whether every floating parameter and buffer is finite (one host sync)."""
-    flags = [torch.isfinite(v).all() for v in module.state_dict().values() if v.is_floating_point()]
+    values = list(module.state_dict().values()) if isinstance(module, nn.Module) else []
+    if svi is not None:
+        values += list(svi.program_params.values())
+    flags = [torch.isfinite(v).all() for v in values if v.is_floating_point()]
     return not flags or bool(torch.stack(flags).all())
 
 
@@ -498,7 +557,10 @@ def _save_epoch(module, svi: SVIStep, run_dir: Path, epoch: int, seed: int, conf
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "model": model_identity(module),
-        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        if isinstance(module, nn.Module)
+        else {},
+        "program_params": svi.param_state(),
         "optimizer": svi.state_dict(),
         "rng": rng_state(),
         "epoch": epoch,
