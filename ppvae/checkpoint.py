@@ -34,16 +34,23 @@ TEMPORARY_SUFFIX = ".tmp"
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent
+        )
+    except OSError as error:  # named after the file it was for, not the temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # name the file it was for
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
 
 
@@ -281,9 +288,13 @@ def best_checkpoint(run_dir: str | os.PathLike, *, repair: bool = False) -> Path
     best_epoch = state.get("best_epoch")
     if best_epoch is None:
         return best if best.exists() else last
-    if best.exists() and _saved_epoch(best) == best_epoch:
-        return best
-    if state["epoch"] == best_epoch:
+    if best.exists():
+        saved = _saved_epoch(best)
+        if saved == best_epoch:
+            return best
+        if not (isinstance(saved, int) and saved < best_epoch):
+            load_checkpoint(best)  # a damaged file: its one-line reason
+    if state["epoch"] == best_epoch:  # a kill between the two writes of a best epoch
         if repair:
             atomic_write_bytes(last.read_bytes(), best)
             return best
