@@ -162,6 +162,11 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 def _flatten_inputs(array: np.ndarray, source: str) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     if array.dtype == object or not np.issubdtype(array.dtype, np.number):
         raise PPVAEError(f"{source} holds {array.dtype} values; ppvae needs a numeric array")
+    if np.iscomplexobj(array):
+        raise PPVAEError(
+            f"{source} holds complex values; ppvae needs real numbers (pass the real and "
+            "imaginary parts, or the magnitude, as features)"
+        )
     if array.ndim < 2 or array.shape[0] < 2:
         raise PPVAEError(
             f"{source} has shape {tuple(array.shape)}; expected [N, features], [N, H, W] or "
@@ -169,8 +174,13 @@ def _flatten_inputs(array: np.ndarray, source: str) -> tuple[torch.Tensor, tuple
         )
     if array.ndim > 4:
         raise PPVAEError(f"{source} has {array.ndim} axes; expected at most 4 ([N, C, H, W])")
+    check_finite(array, source)
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > float(np.finfo(np.float32).max):
+        raise PPVAEError(
+            f"{source} holds values up to {largest:.3g}, beyond float32 (3.4e38); rescale the data"
+        )
     x = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
-    check_finite(x, source)
     image_shape = None
     if array.ndim == 3:
         image_shape = (1, *array.shape[1:])
@@ -199,6 +209,7 @@ def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise PPVAEError(f"data file {path} does not exist; check the path")
     suffix = path.suffix.lower()
+    _check_magic(path, suffix)
     try:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False), None
@@ -219,6 +230,30 @@ def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except (ValueError, OSError) as error:
         raise PPVAEError(f"could not read {path}: {str(error).splitlines()[0]}") from None
     raise PPVAEError(f"unsupported data file {path}; use one of {', '.join(ARRAY_SUFFIXES)}")
+
+
+_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK\x03\x04"}
+
+
+def _check_magic(path: Path, suffix: str) -> None:
+    """A ``.npy`` or ``.npz`` file whose content is not of its kind: a one-line error that says
+    what it is instead."""
+    if suffix not in _MAGIC:
+        return
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        raise PPVAEError(f"could not read {path}: {error.strerror}") from None
+    if head.startswith(_MAGIC[suffix]):
+        return
+    for other, magic in _MAGIC.items():
+        if head.startswith(magic):
+            raise PPVAEError(f"{path} holds a {other} file under a {suffix} name; rename it")
+    writer = "numpy.save" if suffix == ".npy" else "numpy.savez"
+    raise PPVAEError(
+        f"{path} is not a NumPy {suffix} file (it starts with {head!r}); write it with {writer}"
+    )
 
 
 def _check_labels(y: np.ndarray | None, n: int, source: str) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -261,3 +262,33 @@ def test_empty_run_dir_is_refused_and_nothing_is_written(tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(PPVAEError, match="--run-dir is empty"):
         Run.create("", model="vae")
+
+
+def _zip_named_npy(path):
+    np.savez(path.with_suffix(".tmp.npz"), x=np.ones((10, 3)))
+    path.with_suffix(".tmp.npz").rename(path)
+
+
+def _npy_named_npz(path):
+    with open(path, "wb") as handle:
+        np.save(handle, np.ones((10, 3)))
+
+
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("c.npy", lambda p: np.save(p, np.ones((10, 3)) + 1j), "holds complex values"),
+        ("t.npy", lambda p: p.write_text("hello world"), "is not a NumPy .npy file"),
+        ("z.npy", _zip_named_npy, "holds a .npz file under a .npy name"),
+        ("n.npz", _npy_named_npz, "holds a .npy file under a .npz name"),
+        ("b.npy", lambda p: np.save(p, np.full((10, 3), 1e308)), "beyond float32"),
+        ("e.npy", lambda p: np.save(p, np.zeros((0, 3))), "with N >= 2 data points"),
+    ],
+)
+def test_hostile_arrays_get_one_line_and_write_nothing(name, write, message, tmp_path, capsys):
+    write(tmp_path / name)
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", str(tmp_path / name), "--binarize", "none", "--run-dir", str(run)]
+    code, _, err = _run([*argv, *OPTIONS], capsys)
+    assert code == 2 and message in err and _one_line(err), err
+    assert not run.exists()
