@@ -760,8 +760,16 @@ def test_a_prodlda_topic_model_trains_and_is_evaluated_unchanged():
     docs = torch.distributions.Multinomial(30, mixture @ topics).sample()
     del generator
     module = ProdLDA()
-    result = fit(module, docs[:60], validation=docs[60:], epochs=5, batch_size=20, lr=0.01,
-                 progress=False, device="cpu")
+    result = fit(
+        module,
+        docs[:60],
+        validation=docs[60:],
+        epochs=5,
+        batch_size=20,
+        lr=0.01,
+        progress=False,
+        device="cpu",
+    )
     assert result.validation_metric == "val_elbo"
     assert result.history[-1]["val_elbo"] > result.history[0]["val_elbo"]
     module.eval()
