@@ -11,6 +11,14 @@ from ppvae.inference.importance import (
     log_weights,
 )
 from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO, make_objective
+from ppvae.inference.regularity import (
+    ELBOSurgery,
+    completeness,
+    continuity,
+    elbo_surgery,
+    interpolate,
+    regularity_summary,
+)
 from ppvae.inference.train import (
     FitResult,
     check_training_data,
@@ -21,16 +29,21 @@ from ppvae.inference.train import (
 
 __all__ = [
     "IWAE_ELBO",
+    "ELBOSurgery",
     "EvaluationReport",
     "FitResult",
     "KLWeighted_ELBO",
     "active_units",
     "check_training_data",
     "collapse_metrics",
+    "completeness",
+    "continuity",
     "effective_sample_size",
     "elbo",
+    "elbo_surgery",
     "evaluate",
     "fit",
+    "interpolate",
     "iwae_bound",
     "kl_per_dimension",
     "log_marginal",
@@ -38,5 +51,6 @@ __all__ = [
     "log_weights",
     "make_objective",
     "read_metrics",
+    "regularity_summary",
     "resolve_device",
 ]
