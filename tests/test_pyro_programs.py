@@ -783,3 +783,78 @@ def test_a_prodlda_topic_model_trains_and_is_evaluated_unchanged():
     with torch.no_grad():
         direct = log_marginal(module.model, module.guide, docs[60:], num_samples=200)
     assert float(direct.mean()) == pytest.approx(report.log_px, abs=0.5)
+
+
+class TutorialCVAE(nn.Module):
+    """Pyro's conditional-VAE tutorial pattern (image completion): ``model(xs, ys=None)``, an
+    unsized plate, a prior network on the visible part, mask indexing with
+    ``.view(batch_size, -1)`` on the hidden pixels, and ``pyro.deterministic`` when ys is None."""
+
+    def __init__(self, pixels=16, latent=2, hidden=16):
+        super().__init__()
+        self.pixels = pixels
+        self.prior_net = nn.Sequential(
+            nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent)
+        )
+        self.recognition_net = nn.Sequential(
+            nn.Linear(2 * pixels, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent)
+        )
+        self.generation_net = nn.Sequential(
+            nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, pixels)
+        )
+
+    @staticmethod
+    def _gaussian(out):
+        loc, raw = out.chunk(2, dim=-1)
+        return loc, nn.functional.softplus(raw) + 1e-3
+
+    def model(self, xs, ys=None):
+        pyro.module("generation_net", self)
+        batch_size = xs.shape[0]
+        with pyro.plate("data"):
+            prior_loc, prior_scale = self._gaussian(self.prior_net(xs))
+            zs = pyro.sample("z", dist.Normal(prior_loc, prior_scale).to_event(1))
+            loc = torch.sigmoid(self.generation_net(zs))
+            if ys is not None:
+                hidden = (xs == -1).view(-1, self.pixels)
+                mask_loc = loc[hidden].view(batch_size, -1)
+                mask_ys = ys[hidden].view(batch_size, -1)
+                pyro.sample("y", dist.Bernoulli(mask_loc).to_event(1), obs=mask_ys)
+            else:
+                pyro.deterministic("y", loc.detach())
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data"):
+            if ys is None:
+                loc, scale = self._gaussian(self.prior_net(xs))
+            else:
+                loc, scale = self._gaussian(self.recognition_net(torch.cat([xs, ys], dim=1)))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def test_the_cvae_tutorial_pattern_trains_and_is_evaluated_unchanged():
+    generator = torch.Generator().manual_seed(0)
+    prototypes = (torch.rand(4, 16, generator=generator) < 0.5).float()
+    images = prototypes[torch.randint(0, 4, (90,), generator=generator)]  # visible half → hidden
+    xs = images.clone()
+    xs[:, 8:] = -1.0  # hidden pixels, as in the tutorial
+    module = TutorialCVAE()
+    result = fit(
+        module,
+        (xs[:60], images[:60]),
+        validation=(xs[60:], images[60:]),
+        epochs=30,
+        batch_size=20,
+        lr=0.01,
+        progress=False,
+        device="cpu",
+    )
+    assert result.validation_metric == "val_elbo"
+    assert result.history[-1]["val_elbo"] > result.history[0]["val_elbo"] + 1.0
+    info = program_info(module.model, module.guide, ProgramData.of((xs[60:], images[60:])))
+    assert info.particles == REPLICATED and info.observed == ("y",)
+    report = evaluate(module, (xs[60:], images[60:]), num_samples=100, progress=False)
+    assert report.density_name == "log p(y)"
+    assert report.elbo < report.ladder[5] < report.log_px <= 0.0
+    # the visible half names the prototype: the hidden half is predicted far better than chance
+    assert report.log_px > 8 * math.log(0.5) + 2.0
