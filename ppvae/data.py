@@ -207,7 +207,8 @@ def _read_csv(path: Path) -> np.ndarray:
 
 def _read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
-        raise PPVAEError(f"data file {path} does not exist; check the path")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise PPVAEError(f"data file {path} {what}; pass a .npy, .npz or .csv file")
     suffix = path.suffix.lower()
     _check_magic(path, suffix)
     try:

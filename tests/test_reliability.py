@@ -292,3 +292,19 @@ def test_hostile_arrays_get_one_line_and_write_nothing(name, write, message, tmp
     code, _, err = _run([*argv, *OPTIONS], capsys)
     assert code == 2 and message in err and _one_line(err), err
     assert not run.exists()
+
+
+def test_sizes_torch_cannot_allocate_and_folders_as_files_get_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = _run(
+        ["train", "--run-dir", str(run), *OPTIONS, "--hidden", "10000000000"], capsys
+    )
+    assert code == 2 and "use smaller --hidden" in err and _one_line(err), err
+    (tmp_path / "d.npy").mkdir()
+    code, _, err = _run(
+        ["train", "--run-dir", str(run), "--dataset", str(tmp_path / "d.npy")], capsys
+    )
+    assert code == 2 and "d.npy is a folder" in err and _one_line(err), err
+    code, _, err = _run(["evaluate", str(tmp_path / "d.npy" / "missing")], capsys)
+    assert code == 2 and "missing does not exist" in err and _one_line(err), err
+    assert not run.exists()

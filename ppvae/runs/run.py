@@ -146,7 +146,8 @@ class Run:
         path = Path(path)
         config_path = path / CONFIG_FILE
         if not path.is_dir():
-            raise PPVAEError(f"{path} does not exist or is not a folder; pass a run directory")
+            what = "is a file" if path.exists() else "does not exist"
+            raise PPVAEError(f"{path} {what}; pass a run directory written by ppvae train")
         if not config_path.is_file():
             raise PPVAEError(f"{path} is not a ppvae run directory (no config.json); pass one")
         try:

@@ -52,7 +52,15 @@ def build_model(config: RunConfig, data) -> nn.Module:
             kwargs[key] = value
     if kwargs.get("net") == "conv" and data.image_shape is None:
         raise PPVAEError("--net conv needs image data; use --net mlp for flat arrays")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (RuntimeError, MemoryError, OverflowError) as error:  # sizes torch cannot allocate
+        from ppvae.checkpoint import one_line
+
+        raise PPVAEError(
+            f"cannot build --model {config.model} with {config.model_options} "
+            f"({one_line(error, 120)}); use smaller --hidden / --latent-dim"
+        ) from None
 
 
 def preflight(config: RunConfig, data, module: nn.Module) -> bool:
