@@ -194,10 +194,10 @@ def test_train_help_shows_every_default(monkeypatch, capsys):
         if not any(action.default is value for value in (None, True, False)):
             assert f"default: {action.default}" in block, block
     # model options default per model, read off the constructors
-    assert "8 for ae, cvae, vae; 100 for hvae; 2 for linear-gaussian; 16 for vqvae" in " ".join(
+    assert "8 for ae, cvae, vae; 16 for hvae, vqvae; 2 for linear-gaussian" in " ".join(
         blocks["--latent-dim"].split()
     )
-    assert "relu for ae, cvae, vae, vqvae; tanh for hvae" in " ".join(
+    assert "relu for ae, cvae, hvae, vae, vqvae" in " ".join(
         blocks["--activation"].split()
     )
 
