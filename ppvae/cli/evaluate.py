@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ppvae.cli.ais_report import add_ais_options, run_ais
 from ppvae.cli.options import (
     add_checkpoint_option,
     add_common_options,
@@ -49,13 +50,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="evaluate a seeded subset of this many points of the split (default: all)",
     )
+    add_ais_options(parser)
     add_checkpoint_option(parser)
     add_common_options(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    evaluation = Run.load(args.run, checkpoint=args.checkpoint, device=args.device).evaluate(
+    run_ = Run.load(args.run, checkpoint=args.checkpoint, device=args.device)
+    evaluation = run_.evaluate(
         split=args.split,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
@@ -63,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         num_points=args.eval_points,
     )
+    ais_rows = run_ais(args, run_, evaluation) if args.ais or args.gaps else []
     print(evaluation.report.summary_table())
+    if ais_rows:
+        print_table(ais_rows)
     print_table(
         [("wrote", ", ".join(p.name for p in evaluation.written)), ("in", str(evaluation.folder))]
     )
