@@ -1,7 +1,9 @@
 """Training, objectives, evaluation and diagnostics for any model/guide pair (DESIGN §2)."""
 
+from ppvae.inference.ais import AISResult, BDMCResult, ais_log_marginal, bdmc
 from ppvae.inference.collapse import active_units, collapse_metrics, kl_per_dimension
 from ppvae.inference.evaluate import EvaluationReport, evaluate
+from ppvae.inference.gaps import GapResult, gap_decomposition
 from ppvae.inference.importance import (
     effective_sample_size,
     elbo,
@@ -28,6 +30,12 @@ from ppvae.inference.train import (
 )
 
 __all__ = [
+    "AISResult",
+    "BDMCResult",
+    "GapResult",
+    "ais_log_marginal",
+    "bdmc",
+    "gap_decomposition",
     "IWAE_ELBO",
     "ELBOSurgery",
     "EvaluationReport",
