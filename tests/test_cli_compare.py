@@ -80,6 +80,12 @@ def test_vqvae_codebook_usage_reads_as_codes_used(tmp_path, capsys):
     report = json.loads((tmp_path / "vq" / "report.json").read_text())
     usage = report["extra"]["codebook_usage"]
     assert f"{round(usage * 64)} of 64 codes ({100 * usage:.0f} %)" in row  # measured: 6 of 64
+    # no bound ladder, gap or k-hat figures for a one-hot guide; plot says what it leaves out
+    assert not (tmp_path / "vq" / "bound_ladder.png").exists()
+    assert main(["plot", str(tmp_path / "vq")]) == 0
+    printed = capsys.readouterr().out
+    assert "ppvae: no latent map: latent site 'code' is discrete" in printed
+    assert "samples.png" in printed and "latent_map.png" not in printed
 
 
 def test_a_collapsed_run_prints_a_warning_with_the_fix(tmp_path, capsys):

@@ -11,10 +11,11 @@ from ppvae.runs import Run
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "plot",
-        help="draw a run's figures: curves, reconstructions, samples, 2-D latent map",
-        description="Redraw the figures of a run into RUN/figures/CHECKPOINT (a 2-D latent space "
-        "also gets a latent map and a decoded manifold grid); the figures written by training "
-        "stay as they are.",
+        help="draw a run's figures: curves, reconstructions, samples, latent map, manifold",
+        description="Redraw the figures of a run into RUN/figures/CHECKPOINT: training curves, "
+        "reconstructions, prior samples, the latent map (exact for 2-D latents, else on two "
+        "principal directions), the decoder's manifold and interpolations; it says which "
+        "figures a model cannot have and why. The figures written by training stay as they are.",
     )
     add_run_argument(parser)
     add_checkpoint_option(parser)
@@ -23,6 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    written = Run.load(args.run, checkpoint=args.checkpoint, device=args.device).figures()
+    left_out: list[str] = []
+    run = Run.load(args.run, checkpoint=args.checkpoint, device=args.device)
+    written = run.figures(left_out=left_out)
     print("ppvae: wrote " + ", ".join(str(p) for p in written))
+    for line in left_out:
+        print(f"ppvae: {line}")
     return 0

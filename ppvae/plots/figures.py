@@ -23,10 +23,17 @@ def is_conditional(module) -> bool:
     return "num_classes" in getattr(module, "hparams", {})
 
 
-def run_figures(module, data, out_dir: str | Path, history: list[dict] | None) -> list[Path]:
+def run_figures(
+    module,
+    data,
+    out_dir: str | Path,
+    history: list[dict] | None,
+    *,
+    left_out: list[str] | None = None,
+) -> list[Path]:
     """Draw the figures of ``module`` trained on ``data`` (a ``DataSplits``) into ``out_dir``;
     ``history`` is the run's ``metrics.jsonl`` records (no curves without it). Returns the
-    paths written."""
+    paths written; ``left_out``, if given, receives one line per figure not drawn, saying why."""
     from ppvae.plots.latent import write_latent_figures
     from ppvae.plots.samples import (
         plot_prior_samples,
@@ -55,9 +62,12 @@ def run_figures(module, data, out_dir: str | Path, history: list[dict] | None) -
             written.append(
                 plot_prior_samples(module, data.image_shape, out_dir / "samples.png", y=labels)
             )
-        except PPVAEError:  # no prior to sample from (an autoencoder)
-            pass
+        except PPVAEError as error:  # no prior to sample from (an autoencoder)
+            if left_out is not None:
+                left_out.append(f"no prior samples: {error}")
     # latent map for any continuous latent (exact in 2-D, else on two principal directions);
     # decoder manifold and interpolations for images (ppvae.plots.latent)
-    latent, _ = write_latent_figures(module, x, y, data.image_shape, out_dir)
+    latent, reasons = write_latent_figures(module, x, y, data.image_shape, out_dir)
+    if left_out is not None:
+        left_out.extend(reasons)
     return written + latent

@@ -380,13 +380,16 @@ class Run:
             )
         return path
 
-    def figures(self, folder: str | Path | None = None) -> list[Path]:
+    def figures(
+        self, folder: str | Path | None = None, *, left_out: list[str] | None = None
+    ) -> list[Path]:
         """Draw the run's figures for :attr:`module` into ``folder`` (default
-        ``RUN/figures/<checkpoint>``); returns the paths written."""
+        ``RUN/figures/<checkpoint>``); returns the paths written. ``left_out``, if given,
+        receives one line per figure the model cannot have, saying why."""
         from ppvae.plots.figures import run_figures
 
         folder = self.path / "figures" / self.checkpoint if folder is None else Path(folder)
-        return run_figures(self.module, self.data, folder, self.metrics or None)
+        return run_figures(self.module, self.data, folder, self.metrics or None, left_out=left_out)
 
     def _remove_run_files(self) -> None:
         """Before ``overwrite``: the training files and derived folders of the old run."""
