@@ -140,6 +140,8 @@ def report_rows(report, *, codebook_size: int | None = None) -> list[tuple[str, 
     if report.reconstruction_bce is not None:
         rows.append(("recon BCE", f"{report.reconstruction_bce:.3f} nats/point"))
     for name, value in report.extra.items():
+        if name == "codebook_size":
+            continue  # shown with the usage
         if name == "codebook_usage" and codebook_size:
             used = round(value * codebook_size)
             rows.append(

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from ppvae.checkpoint import atomic_write_text
 from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference import distributed
 from ppvae.inference.collapse import collapse_metrics
 from ppvae.inference.importance import (
     base_distribution,
@@ -247,7 +248,13 @@ class EvaluationReport:
                 )
             )
             rows.append(("KL(q(z|x) || p(z))", f"{self.kl:.3f} nats"))
-        rows += [(name, _fmt(value)) for name, value in self.extra.items()]
+        extra = dict(self.extra)
+        if "codebook_usage" in extra and "codebook_size" in extra:
+            usage, size = extra.pop("codebook_usage"), int(extra.pop("codebook_size"))
+            rows.append(
+                ("codebook usage", f"{round(usage * size)} of {size} codes ({100 * usage:.0f} %)")
+            )
+        rows += [(name, _fmt(value)) for name, value in extra.items()]
         width = max(_display_width(name) for name, _ in rows)
         lines = [f"{name}{' ' * (width - _display_width(name))}  {value}" for name, value in rows]
         lines += [f"note: {text}" for text in (self.note, self.reconstruction_note) if text]
@@ -573,10 +580,11 @@ def evaluate(
             dynamic_ncols=True,
         ) as bar:
             bar.set_description(f"evaluate (K={num_samples})")
-            for start in range(0, data.num_points, batch_size):
+            starts = distributed.batch_starts(data.num_points, batch_size)  # this rank's
+            for start in distributed.reseeded(starts, seed, batch_size, device):
                 batch = data.select(slice(start, start + batch_size)).to(device)
                 recon = reconstruction(module.model, module.guide, batch, data_plate=data_plate)
-                if start == 0:
+                if start == starts[0]:
                     site_name, point_mass = recon.site, recon.point_mass_sites
                     likelihood_available, one_hot = not point_mass, recon.one_hot_sites
                 one_hot = [name for name in one_hot if name in recon.one_hot_sites]
@@ -593,6 +601,11 @@ def evaluate(
                     )  # [K, B]
                     _keep_bounds(keep, ladder_parts, log_w, ks)
                 bar.update(batch.num_points)
+        first = (site_name, point_mass, likelihood_available, one_hot)  # a group: all ranks'
+        parts, ladder_parts, first = distributed.gather_batches(
+            parts, ladder_parts, first, seed, device
+        )
+        site_name, point_mass, likelihood_available, one_hot = first
         extra = _extra_metrics(module, data, device)
         collapse = _collapse_metrics(module, data, device) if likelihood_available else {}
 

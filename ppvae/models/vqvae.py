@@ -254,9 +254,9 @@ class VQVAE(nn.Module):
     def evaluation_metrics(
         self, x: torch.Tensor, y: torch.Tensor | None = None
     ) -> dict[str, float]:
-        """Codebook usage (the fraction of codes that x uses) and the perplexity of the code
+        """Codebook usage (the fraction of codes that x uses), the perplexity of the code
         histogram, exp(−Σ_k f_k log f_k): 1 when one code is used, ``codebook_size`` when all are
-        used equally often."""
+        used equally often, and the codebook size (so reports can say "k of K codes")."""
         codes = self.encode(x)[1]
         counts = torch.bincount(codes.reshape(-1), minlength=self.codebook_size).double()
         frequency = counts / counts.sum()
@@ -264,6 +264,7 @@ class VQVAE(nn.Module):
         return {
             "codebook_usage": float((counts > 0).double().mean()),
             "perplexity": float(torch.exp(entropy)),
+            "codebook_size": float(self.codebook_size),
         }
 
     def check_data(self, x: torch.Tensor) -> None:
