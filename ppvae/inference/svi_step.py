@@ -34,6 +34,7 @@ from torch import nn
 
 from ppvae.contract import ModuleParameters
 from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference import distributed
 from ppvae.inference.program import (
     ProgramData,
     check_training_contract,
@@ -200,6 +201,7 @@ class SVIStep:
                 torch.as_tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
                 for elbo, model, guide in self.objectives
             )
+        distributed.all_reduce_gradients(self.params)  # in a process group: summed over ranks
         if self.clip_args:
             if "clip_norm" in self.clip_args:
                 nn.utils.clip_grad_norm_(self.params, self.clip_args["clip_norm"])

@@ -40,6 +40,7 @@ from ppvae.checkpoint import (
 )
 from ppvae.data import DynamicBinarization, check_finite, check_unit_interval
 from ppvae.errors import ContractError, DivergenceError, PPVAEError
+from ppvae.inference import distributed
 from ppvae.inference.importance import elbo
 from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO
 from ppvae.inference.program import ProgramData
@@ -110,14 +111,16 @@ class _Batches:
         self.loader = None
         self.epoch_fn: Callable[[int], ProgramData] | None = None
         if isinstance(data, torch.utils.data.DataLoader):
+            distributed.check_loader(data)  # in a process group: it shards itself
             self.loader = data
         elif hasattr(data, "epoch"):
             self.epoch_fn = lambda epoch: as_program_data(data.epoch(epoch))
             self.num_data = len(data)
         elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list)):
             generator = torch.Generator().manual_seed(seed)
+            sampler = distributed.sampler(data, seed)  # None in one process
             self.loader = torch.utils.data.DataLoader(
-                data, batch_size=batch_size, shuffle=True, generator=generator
+                data, batch_size, shuffle=sampler is None, sampler=sampler, generator=generator
             )
         else:
             self.fixed = as_program_data(data).to(device)
@@ -129,7 +132,7 @@ class _Batches:
     def __len__(self) -> int:
         if self.loader is not None:
             return len(self.loader)
-        return math.ceil(self.num_data / self.batch_size)
+        return distributed.num_batches(self.num_data, self.batch_size)
 
     def first(self, view: ProgramData | None = None) -> ProgramData:
         """The first batch; ``view``: epoch 0's data when the caller already holds them."""
@@ -154,8 +157,8 @@ class _Batches:
         view = view.to(self.device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(view.num_points, generator=generator).to(self.device)
-        for start in range(0, view.num_points, self.batch_size):
-            yield view.select(order[start : start + self.batch_size])
+        for index in distributed.batch_indices(order, self.batch_size):  # this rank's share
+            yield view.select(index)
 
 
 def _module_device(module) -> torch.device | None:
@@ -376,7 +379,8 @@ def fit(
         svi.load_param_state(
             checkpoint.get("program_params", {}), source=str(run_dir / LAST_CHECKPOINT)
         )
-    if run_dir is not None:
+    distributed.broadcast_tensors([*svi.params, *_buffers(module)])  # rank 0's start
+    if run_dir is not None and distributed.is_writer():
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_history(run_dir / METRICS_FILE, result.history)
 
@@ -399,6 +403,7 @@ def fit(
                 if lr_schedule is not None:
                     svi.set_lr(lr_schedule(epoch))
                 bar.set_description(f"epoch {epoch}/{epochs}")
+                distributed.seed_epoch(seed, epoch)  # a process group: from (seed, epoch, rank)
                 tic = time.perf_counter()
                 total_loss, steps, points = _train_epoch(
                     svi, batches, epoch, bar, sync_every, run_dir
@@ -408,6 +413,8 @@ def fit(
                         epoch, steps, "parameters became NaN/inf in the last step", run_dir
                     )
                 _set_mode(module, train=False)
+                distributed.broadcast_tensors(_buffers(module))  # e.g. batch-norm statistics
+                total_loss, points = distributed.sum_over_ranks(total_loss, points)
                 record = {
                     "epoch": epoch,
                     "train_loss": total_loss / points,
@@ -423,6 +430,7 @@ def fit(
                         result.best_validation, result.best_epoch = score, epoch
                 if epoch_metrics is not None:
                     record.update(epoch_metrics(module))
+                record = distributed.from_rank0(record)
                 result.history.append(record)
                 bar.set_postfix(
                     {
@@ -431,7 +439,7 @@ def fit(
                         if k in ("train_loss", "val_elbo", "val_loss")
                     }
                 )
-                if run_dir is not None:
+                if run_dir is not None and distributed.is_writer():
                     # metrics first: resume drops records past the checkpoint's epoch
                     _write_history(run_dir / METRICS_FILE, result.history)
                     _save_epoch(module, svi, run_dir, epoch, seed, config, result)
@@ -440,6 +448,7 @@ def fit(
                     on_epoch_end(record)
     finally:
         bar.close()
+    distributed.barrier()  # rank 0's last checkpoint is written when fit returns on any rank
     return result
 
 
@@ -452,6 +461,10 @@ def check_training_data(module: nn.Module, data, validation=None) -> None:
 def _to_device(module, device: torch.device) -> None:
     if isinstance(module, nn.Module):
         module.to(device)
+
+
+def _buffers(module) -> list[torch.Tensor]:
+    return list(module.buffers()) if isinstance(module, nn.Module) else []
 
 
 def _set_mode(module, train: bool) -> None:
@@ -518,7 +531,10 @@ def _validate(
 ) -> dict:
     """``validation_metrics``, with NaN turned into a ``DivergenceError``."""
     try:
-        metrics = validation_metrics(module, validation, 1000, loss=loss, data_plate=data_plate)
+        metrics = distributed.sharded_mean(  # in a process group: each rank its share
+            lambda part: validation_metrics(module, part, 1000, loss=loss, data_plate=data_plate),
+            as_program_data(validation),
+        )
     except ValueError as error:
         if not _diverged(module, error):
             raise
