@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=typed(COUNT),
         nargs="+",
         default=[0, 1, 2, 3],
-        help="indices of the points in --split (default: %(default)s)",
+        help="indices of the points in --split (default: 0 1 2 3)",
     )
     parser.add_argument(
         "--split",

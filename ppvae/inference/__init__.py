@@ -13,6 +13,7 @@ from ppvae.inference.importance import (
     log_weights,
 )
 from ppvae.inference.objectives import IWAE_ELBO, KLWeighted_ELBO, make_objective
+from ppvae.inference.posterior import compare_posteriors, posterior
 from ppvae.inference.regularity import (
     ELBOSurgery,
     completeness,
@@ -44,6 +45,7 @@ __all__ = [
     "active_units",
     "check_training_data",
     "collapse_metrics",
+    "compare_posteriors",
     "completeness",
     "continuity",
     "effective_sample_size",
@@ -58,6 +60,7 @@ __all__ = [
     "log_marginal_stderr",
     "log_weights",
     "make_objective",
+    "posterior",
     "read_metrics",
     "regularity_summary",
     "resolve_device",
