@@ -174,6 +174,11 @@ def _flatten_inputs(array: np.ndarray, source: str) -> tuple[torch.Tensor, tuple
         )
     if array.ndim > 4:
         raise PPVAEError(f"{source} has {array.ndim} axes; expected at most 4 ([N, C, H, W])")
+    if 0 in array.shape[1:]:
+        raise PPVAEError(
+            f"{source} has shape {tuple(array.shape)}: no features per data point; pass an "
+            "array with at least one value per point"
+        )
     check_finite(array, source)
     largest = float(np.abs(array).max()) if array.size else 0.0
     if largest > float(np.finfo(np.float32).max):

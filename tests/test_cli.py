@@ -197,9 +197,7 @@ def test_train_help_shows_every_default(monkeypatch, capsys):
     assert "8 for ae, cvae, vae; 16 for hvae, vqvae; 2 for linear-gaussian" in " ".join(
         blocks["--latent-dim"].split()
     )
-    assert "relu for ae, cvae, hvae, vae, vqvae" in " ".join(
-        blocks["--activation"].split()
-    )
+    assert "relu for ae, cvae, hvae, vae, vqvae" in " ".join(blocks["--activation"].split())
 
 
 @pytest.mark.parametrize(

@@ -133,7 +133,7 @@ def test_config_refuses_bad_values_with_the_cli_messages(options, cli, message, 
     [
         (lambda c: [c], "holds list, not a run configuration"),
         (lambda c: {k: v for k, v in c.items() if k != "lr"}, "missing key(s) lr"),
-        (lambda c: {**c, "colour": "red"}, "unknown key(s) colour"),
+        (lambda c: {**c, "colour": "red"}, "unknown key(s) 'colour'"),
         (lambda c: {**c, "seed": -5}, "--seed: expected an integer in [0, 2**32)"),
         (lambda c: {**c, "epochs": "3"}, "--epochs: expected a positive integer, got '3'"),
     ],

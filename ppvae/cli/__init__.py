@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from ppvae.checkpoint import one_line
 from ppvae.cli.parser import COMMANDS, build_parser, build_parsers
 from ppvae.errors import PPVAEError
 
@@ -25,8 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
     try:
         return args.handler(args)
-    except PPVAEError as error:
-        print(f"ppvae {args.command}: error: {error}", file=sys.stderr)
+    except PPVAEError as error:  # on one line, even where it quotes text from the user's files
+        print(f"ppvae {args.command}: error: {one_line(error, 4000)}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk, a read-only folder: what the library did not catch
         where = f" {error.filename}" if error.filename else ""

@@ -299,7 +299,7 @@ class RunConfig:
             what = "; ".join(
                 part
                 for part in (
-                    f"unknown key(s) {', '.join(unknown)}" if unknown else "",
+                    f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown else "",
                     f"missing key(s) {', '.join(missing)}" if missing else "",
                 )
                 if part
