@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ppvae import cli
 from ppvae.data import load_data
 from ppvae.errors import PPVAEError
 from ppvae.inference import distributed, evaluate, fit
@@ -121,6 +122,18 @@ def _train_job(out: Path) -> None:
     torch.save(saved, out / f"rank{rank}.pt")
 
 
+CLI_RUN = ["--limit", "200", "--latent-dim", "2", "--hidden", "16", "--batch-size", "25"]
+CLI_RUN += ["--eval-samples", "8", "--eval-points", "40", "--device", "cpu", "--no-progress"]
+
+
+def _cli_job(out: Path) -> None:
+    """``ppvae train`` in the group (as ``torchrun -m ppvae train`` runs it), then ``--resume``."""
+    run_dir = str(out / "cli-run")
+    for epochs, more in (("1", []), ("2", ["--resume"])):
+        code = cli.main(["train", "--run-dir", run_dir, "--epochs", epochs, *more, *CLI_RUN])
+        assert code == 0, code
+
+
 def _kill_job(out: Path) -> None:
     """Rank 1 dies (``os._exit``, no message, as an OOM kill would) in the middle of epoch 2."""
     splits = _splits()
@@ -142,8 +155,9 @@ def _kill_job(out: Path) -> None:
 
 def _worker(out: str) -> int:
     """Train and evaluate (saving what each rank holds), then kill rank 1 in a last run."""
-    distributed.init_from_environment(torch.device("cpu"), timeout=timedelta(seconds=TIMEOUT_S))
+    distributed.init_from_environment(timeout=timedelta(seconds=TIMEOUT_S))
     _train_job(Path(out))
+    _cli_job(Path(out))
     tic = time.perf_counter()
     try:
         _kill_job(Path(out))
@@ -266,6 +280,19 @@ def test_sharded_evaluation_equals_unsharded(job, splits, tmp_path):
     stderr = sharded["log_px_stderr"]
     assert abs(sharded["log_px"] - plain["log_px"]) < 4 * math.sqrt(2) * stderr
     assert sharded["elbo"] == pytest.approx(plain["elbo"], abs=0.1)
+
+
+def test_the_command_line_trains_and_resumes_with_rank_0_writing(job):
+    out, _, finished = job
+    run_dir = out / "cli-run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert [record["epoch"] for record in records] == [1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2  # --resume saved it
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_points"] == 40 and len(report["per_point"]["log_px"]) == 40
+    assert math.isfinite(report["log_px"])
+    assert finished.stdout.count("ppvae: done") == 2  # rank 0 prints; rank 1 says nothing
+    assert "after resuming at epoch 1" in finished.stdout
 
 
 def test_a_killed_rank_ends_the_job_with_one_line(job):

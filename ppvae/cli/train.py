@@ -15,6 +15,7 @@ from ppvae.cli.options import (
     print_table,
 )
 from ppvae.errors import PPVAEError
+from ppvae.inference import distributed
 from ppvae.inference.regularity import collapse_warning
 from ppvae.runs import Run
 
@@ -45,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if distributed.init_from_environment():  # torchrun: rank 0 creates the run, the others open it
+        if not distributed.is_writer():
+            return _other_rank(args, distributed.from_rank0(None, "waiting for rank 0's run"))
     options = given_run_options(args)
     if options.get("data_dir") is not None:
         options["data_dir"] = str(Path(options["data_dir"]).expanduser().resolve())
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         training = Run.load(args.run_dir).resume_with(**options)
     else:
         training = Run.create(args.run_dir, **options)
+    distributed.from_rank0(str(training.path), "sharing the run")  # its config.json is written
     outcome = training.train(
         resume=args.resume, progress=args.progress, log=lambda line: print(f"ppvae: {line}")
     )
@@ -75,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     warning = collapse_warning(outcome.report.active_units, outcome.report.latent_units)
     if warning is not None:
         print(f"ppvae: {warning}", file=sys.stderr)
+    return 0
+
+
+def _other_rank(args: argparse.Namespace, path: str) -> int:
+    """A rank other than 0 under torchrun: trains and evaluates its shares of the run rank 0
+    created (rank 0 writes every file and prints)."""
+    Run.load(path).train(resume=args.resume, progress=False, log=None)
     return 0
 
 

@@ -72,18 +72,18 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in _TORCHRUN_VARIABLES)
 
 
-def init_from_environment(
-    device: torch.device | None = None, timeout: timedelta = DEFAULT_TIMEOUT
-) -> bool:
-    """Start the process group ``torchrun`` describes in the environment (nccl on CUDA, gloo on a
-    CPU; a CUDA rank uses GPU ``LOCAL_RANK``); returns whether a group is active. Outside
-    ``torchrun`` nothing happens. A collective that waits longer than ``timeout`` fails."""
+def init_from_environment(timeout: timedelta = DEFAULT_TIMEOUT) -> bool:
+    """Start the process group ``torchrun`` describes in the environment; returns whether a group
+    is active. Outside ``torchrun`` nothing happens. CPU tensors go through gloo; on a machine
+    with CUDA, CUDA tensors go through nccl and each rank uses GPU ``LOCAL_RANK``. A collective
+    that waits longer than ``timeout`` fails."""
     if active() or not launched_by_torchrun():
         return active()
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
+    backend = "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=timeout)
     return True
 
 
@@ -222,12 +222,12 @@ def sum_over_ranks(*values: float | torch.Tensor) -> tuple[float, ...]:
     return tuple(total.tolist())
 
 
-def from_rank0(value):
+def from_rank0(value, what: str = "sharing rank 0's epoch record"):
     """Rank 0's ``value`` (a picklable object) on every rank."""
     if not active() or world_size() == 1:
         return value
     box = [value]
-    with _collective("sharing rank 0's epoch record"):
+    with _collective(what):
         dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
 

@@ -133,18 +133,21 @@ def train_run(run, *, resume: bool, progress: bool, log: Callable[[str], None] |
     completed without training. Write errors (a full disk, a read-only folder) are one line.
     """
     from ppvae.checkpoint import LAST_CHECKPOINT, best_checkpoint, load_checkpoint
+    from ppvae.inference import distributed
     from ppvae.inference.train import fit, read_metrics, resolve_device
 
     config, data, path = run.config, run.data, Path(run.path)
-    show = log if log is not None else (lambda line: None)
+    writer = distributed.is_writer()  # torchrun: rank 0 holds the lock and writes the files
+    show = log if log is not None and writer else (lambda line: None)
     device = resolve_device(config.device)
     auxiliary = run.preflight()
     objective = config.make_objective()
     try:
-        run.take_lock()
+        if writer:
+            run.take_lock()
         if resume:
             saved = load_checkpoint(path / LAST_CHECKPOINT)
-            if best_checkpoint(path) != best_checkpoint(path, repair=True):
+            if writer and best_checkpoint(path) != best_checkpoint(path, repair=True):
                 run.notices.append(
                     f"checkpoint-best.pt was behind checkpoint.pt (a kill between their writes); "
                     f"restored epoch {saved['best_epoch']} from checkpoint.pt"
@@ -210,6 +213,7 @@ def _report_and_figures(run, device, progress: bool, history: list[dict]):
     """The best checkpoint's test report and the run's figures; ``report.json`` is written last,
     so its presence says the run is complete."""
     from ppvae.checkpoint import LAST_CHECKPOINT, atomic_write_text
+    from ppvae.inference import distributed
     from ppvae.plots.evaluation import plot_report
     from ppvae.plots.figures import run_figures
 
@@ -225,6 +229,8 @@ def _report_and_figures(run, device, progress: bool, history: list[dict]):
         progress=progress,
         num_points=config.eval_points,
     )
+    if not distributed.is_writer():  # torchrun: every rank evaluates its share, rank 0 writes
+        return report, []
     written = [path / LAST_CHECKPOINT, run.checkpoint_path("best"), path / "metrics.jsonl"]
     figures = plot_report(report, path) + run_figures(best, run.data, path, history)
     atomic_write_text(report.to_json(), path / "report.json")
