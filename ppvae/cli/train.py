@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --run-dir from its last checkpoint, with its saved options "
-        "(--epochs, --device, --eval-samples may change; default: off)",
+        "(--epochs, --lr, --device, --eval-samples may change; default: off)",
     )
     return parser
 
