@@ -15,6 +15,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter
 
 from ppvae.errors import PPVAEError
 from ppvae.inference.posterior import compare_posteriors
@@ -157,6 +158,9 @@ def plot_comparison(comparison: Mapping[str, Any], *, var_name: str | None = Non
         ax.set_xlabel("point")
         if key == "variance_ratio":
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
     axes[0].set_xticks(location, points, rotation=90 if len(points) > 12 else 0)
     if values.shape[1] <= 8:
         axes[0].legend(fontsize="small")
