@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ppvae.inference import distributed, evaluate, fit
 from ppvae.inference import train as train_module
 from ppvae.models.ae import AE
 from ppvae.models.vae import VAE
+from ppvae.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -126,12 +128,17 @@ CLI_RUN = ["--limit", "200", "--latent-dim", "2", "--hidden", "16", "--batch-siz
 CLI_RUN += ["--eval-samples", "8", "--eval-points", "40", "--device", "cpu", "--no-progress"]
 
 
+CLI_EVALUATE = ["--num-samples", "16", "--eval-points", "50", "--batch-size", "10"]
+CLI_EVALUATE += ["--device", "cpu", "--no-progress"]
+
+
 def _cli_job(out: Path) -> None:
     """``ppvae train`` in the group (as ``torchrun -m ppvae train`` runs it), then ``--resume``."""
     run_dir = str(out / "cli-run")
     for epochs, more in (("1", []), ("2", ["--resume"])):
         code = cli.main(["train", "--run-dir", run_dir, "--epochs", epochs, *more, *CLI_RUN])
         assert code == 0, code
+    assert cli.main(["evaluate", run_dir, *CLI_EVALUATE]) == 0
 
 
 def _kill_job(out: Path) -> None:
@@ -199,6 +206,16 @@ def splits():
     return _splits()
 
 
+@contextmanager
+def _one_rank_group(folder: Path):
+    """A process group of this process alone: evaluate seeds its batches as in any group."""
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -261,13 +278,8 @@ def test_sharded_evaluation_equals_unsharded(job, splits, tmp_path):
     sharded = rank0["report"]
     vae = _vae(splits)
     vae.load_state_dict(rank0["vae"])
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
+    with _one_rank_group(tmp_path):
         one_rank = _evaluate(vae, splits).to_dict()
-    finally:
-        dist.destroy_process_group()
     # the same batches with the same draws: equal up to float summation order
     for name, values in sharded["per_point"].items():
         if name == "ladder":
@@ -293,6 +305,21 @@ def test_the_command_line_trains_and_resumes_with_rank_0_writing(job):
     assert math.isfinite(report["log_px"])
     assert finished.stdout.count("ppvae: done") == 2  # rank 0 prints; rank 1 says nothing
     assert "after resuming at epoch 1" in finished.stdout
+
+
+def test_the_command_line_evaluates_in_shards(job, tmp_path):
+    """``ppvae evaluate`` under torchrun: rank 0's report equals one rank's, point by point."""
+    out, _, finished = job
+    written = out / "cli-run" / "evaluations" / "test-K16-N50" / "report.json"
+    sharded = json.loads(written.read_text())
+    with _one_rank_group(tmp_path):
+        one_rank = load_run(out / "cli-run").evaluate(
+            num_samples=16, num_points=50, batch_size=10, folder=tmp_path / "one"
+        )
+    one_rank = one_rank.report.to_dict()
+    for name in ("elbo", "log_px", "gap", "ess", "reconstruction_bce"):
+        assert sharded["per_point"][name] == pytest.approx(one_rank["per_point"][name], rel=1e-9)
+    assert finished.stdout.count("evaluations/test-K16-N50") == 1  # rank 0's table only
 
 
 def test_a_killed_rank_ends_the_job_with_one_line(job):

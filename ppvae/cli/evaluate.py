@@ -13,6 +13,7 @@ from ppvae.cli.options import (
     print_table,
     typed,
 )
+from ppvae.inference import distributed
 from ppvae.runs import Run
 from ppvae.runs.config import POSITIVE_INT
 
@@ -57,6 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    distributed.init_from_environment()  # torchrun: each rank evaluates its share of the points
     run_ = Run.load(args.run, checkpoint=args.checkpoint, device=args.device)
     evaluation = run_.evaluate(
         split=args.split,
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         num_points=args.eval_points,
     )
+    if not distributed.is_writer():  # rank 0 writes, runs AIS and prints
+        return 0
     ais_rows = run_ais(args, run_, evaluation) if args.ais or args.gaps else []
     print(evaluation.report.summary_table())
     if ais_rows:

@@ -34,6 +34,7 @@ from ppvae.checkpoint import (
     refuse_existing_run,
 )
 from ppvae.errors import PPVAEError
+from ppvae.inference import distributed
 from ppvae.runs.config import RunConfig, flag
 from ppvae.runs.directory import RunLock, remove_temporary_files
 from ppvae.runs.training import TrainOutcome, build_model, preflight, train_run
@@ -305,6 +306,8 @@ class Run:
         from ppvae.plots.evaluation import plot_report
 
         report = self.report_of(module, split=split, num_samples=num_samples, **options)
+        if not distributed.is_writer():  # torchrun: every rank evaluates its share, rank 0 writes
+            return Evaluation(report, folder, [])
         folder.mkdir(parents=True, exist_ok=True)
         figures = plot_report(report, folder)
         atomic_write_text(report.to_json(), folder / REPORT_FILE)  # last: the folder is complete
