@@ -164,18 +164,46 @@ def test_resume_of_a_complete_run_is_refused_and_a_changed_lr_is_recorded(
     assert checkpoint["config"]["lr"] == 0.0001 and checkpoint["epoch"] == 4
 
 
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from ppvae.runs.directory import RunLock
+    lock = RunLock(sys.argv[1])
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+    """
+)
+
+
 def test_a_second_writer_is_refused_with_one_line(tmp_path, capsys):
+    """Another process holds the run (as a trainer does): train, resume and create are refused
+    without touching the folder; once it is killed, its lock is taken over with a notice."""
     run = tmp_path / "run"
-    first = Run.create(run, model="vae", latent_dim=2, hidden=[8], epochs=1, limit=100)
-    code, out, err = _run(["train", "--run-dir", str(run), *OPTIONS], capsys)
-    assert code == 2 and "being written by another ppvae process" in err and _one_line(err)
-    config = (run / "config.json").read_bytes()
-    code, _, err = _run(["train", "--run-dir", str(run), "--resume", "--epochs", "2"], capsys)
-    assert code == 2 and "another ppvae process" in err
-    assert (run / "config.json").read_bytes() == config  # the refused resume changed nothing
-    first.release_lock()
-    code, _, err = _run(["train", "--run-dir", str(run), *OPTIONS], capsys)
+    assert main(["train", "--run-dir", str(run), *OPTIONS, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for argv in (
+            ["train", "--run-dir", str(run), "--resume", "--epochs", "2", "--no-progress"],
+            ["train", "--run-dir", str(run), "--resume", "--epochs", "1", "--no-progress"],
+        ):
+            code, _, err = _run(argv, capsys)
+            assert code == 2 and f"another ppvae process (pid {holder.pid})" in err, err
+            assert _one_line(err)
+        with pytest.raises(PPVAEError, match="another ppvae process"):
+            Run.create(run, model="vae", overwrite=True, **{"hidden": [8], "limit": 100})
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, err = _run(["train", "--run-dir", str(run), "--resume", "--epochs", "2"], capsys)
     assert code == 0, err
+    assert f"(pid {holder.pid}) ended without releasing it" in out
 
 
 def _flip_a_weight_byte(path):
@@ -308,3 +336,30 @@ def test_sizes_torch_cannot_allocate_and_folders_as_files_get_one_line(tmp_path,
     code, _, err = _run(["evaluate", str(tmp_path / "d.npy" / "missing")], capsys)
     assert code == 2 and "missing does not exist" in err and _one_line(err), err
     assert not run.exists()
+
+
+def test_a_read_only_run_folder_is_one_line_for_evaluate(straight, capsys, monkeypatch):
+    reference, _ = straight
+    mkdir = type(reference).mkdir
+
+    def read_only(self, *args, **kwargs):
+        if "evaluations" in self.parts:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(reference), "mkdir", read_only)
+    code, _, err = _run(["evaluate", str(reference), "--num-samples", "5", "--no-progress"], capsys)
+    assert code == 2 and "Permission denied" in err and "evaluations" in err and _one_line(err)
+
+
+def test_the_lock_names_a_second_run_object_of_the_same_process(tmp_path):
+    run = tmp_path / "run"
+    first = Run.create(run, model="vae", latent_dim=2, hidden=[8], epochs=1, limit=100)
+    with pytest.raises(PPVAEError, match="another Run object of this process"):
+        Run.load(run).take_lock()
+    first.release_lock()
+    second = Run.load(run)
+    second.take_lock()
+    assert (run / ".lock").read_text().strip() == str(os.getpid())
+    second.release_lock()
+    assert (run / ".lock").read_text() == ""  # a clean release leaves no pid behind

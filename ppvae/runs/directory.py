@@ -53,6 +53,11 @@ class RunLock:
                 handle.seek(0)
                 holder = handle.read().strip() or "unknown"
                 handle.close()
+                if holder == str(os.getpid()):
+                    raise PPVAEError(
+                        f"{self.path.parent} is held by another Run object of this process; "
+                        "train that one, or call its release_lock() first"
+                    ) from None
                 raise PPVAEError(
                     f"{self.path.parent} is being written by another ppvae process (pid {holder}); "
                     "wait for it to finish, or pick another --run-dir"
