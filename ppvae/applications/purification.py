@@ -12,7 +12,7 @@ Corruptions (``corrupt``), all clipped to [0, 1], each with a visibility mask
 Restorations (``restore``):
 
 - ``encoder-mean``: :math:`\\hat x = \\mathbb{E}_θ[x \\mid z = μ_φ(\\tilde x)]` (``module.decode``
-  at ``module.encode``'s mean).
+  at ``module.encode``'s mean) [1].
 - ``iterate``: the same map applied T times from :math:`x_0 = \\tilde x`,
   :math:`x_{t+1} = m \\odot \\tilde x + (1 - m) \\odot \\mathbb{E}_θ[x \\mid μ_φ(x_t)]` when
   entries were removed (the visible ones stay clamped), else :math:`x_{t+1} =
@@ -45,9 +45,11 @@ Errors to the clean input (``restoration_errors``), per point: MSE (mean over en
 over entries of −[x log x̂ + (1−x) log(1−x̂)], x̂ clipped to [1e-6, 1−1e-6]) and
 PSNR = 10 log₁₀(1 / MSE) dB (peak value 1).
 
-[1] Auto-Encoding Variational Bayes, Kingma, Welling (2014) — the encoder/decoder restorations.
-[2] Missing Data Imputation using Variational Autoencoders / the importance-sampling approach of
-    Mattei, Frellsen, "MIWAE: Deep Generative Modelling and Imputation of Incomplete Data Sets"
+Imputation by self-normalised importance sampling under the observed-entries likelihood follows
+[2]; here the model is trained on complete data and only the restoration masks it.
+
+[1] Auto-Encoding Variational Bayes, Kingma, Welling (2014).
+[2] MIWAE: Deep Generative Modelling and Imputation of Incomplete Data Sets, Mattei, Frellsen
     (ICML 2019).
 """
 
