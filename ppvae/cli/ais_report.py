@@ -77,10 +77,11 @@ def run_ais(args: argparse.Namespace, run, evaluation) -> list[tuple[str, str]]:
         num_steps=args.ais_steps, num_chains=args.ais_chains, leapfrog_steps=args.ais_leapfrog
     )
     results, per_point = [], {}
+    num_batches = -(-x.shape[0] // args.batch_size)
     with tqdm(
-        total=x.shape[0] * (args.ais + args.gaps),
+        total=num_batches * (args.ais * args.ais_steps + args.gaps),  # annealing steps, fits
         disable=None if args.progress else True,  # None: shown on a terminal only
-        unit="pt",
+        unit="step",
         leave=False,
         dynamic_ncols=True,
     ) as bar:
@@ -92,8 +93,15 @@ def run_ais(args: argparse.Namespace, run, evaluation) -> list[tuple[str, str]]:
             ais = None
             if args.ais:
                 bar.set_description(f"AIS (T={args.ais_steps})")
-                ais = ais_log_marginal(module.model, module.guide, xb, yb, seed=seed, **options)
-                bar.update(xb.shape[0])
+                ais = ais_log_marginal(
+                    module.model,
+                    module.guide,
+                    xb,
+                    yb,
+                    seed=seed,
+                    progress=lambda step, total: bar.update(1),
+                    **options,
+                )
                 _append(per_point, "ais_log_px", ais.log_marginal)
                 _append(per_point, "ais_log_px_stderr", ais.stderr)
                 _append(per_point, "ais_acceptance", ais.acceptance)
@@ -109,7 +117,7 @@ def run_ais(args: argparse.Namespace, run, evaluation) -> list[tuple[str, str]]:
                     num_samples=args.num_samples,
                     seed=seed,
                 )
-                bar.update(xb.shape[0])
+                bar.update(1)
                 _append(per_point, "approximation_gap", gaps.approximation_gap)
                 _append(per_point, "amortisation_gap", gaps.amortisation_gap)
                 per_point.setdefault("_method", gaps.log_marginal_method)
