@@ -32,7 +32,7 @@ def add_ais_options(parser: argparse.ArgumentParser) -> None:
         "--ais",
         action="store_true",
         help="also estimate log p(x) by annealed importance sampling from the guide (HMC; "
-        "costs chains x 1.2 steps x leapfrog model evaluations per point)",
+        "costs chains x 1.2 steps x leapfrog model evaluations per point; default: off)",
     )
     group.add_argument(
         "--ais-steps",
@@ -57,7 +57,7 @@ def add_ais_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="split log p(x) - ELBO into approximation and amortisation gaps with a local "
         "q*(z) per point (diagonal-Normal guides); log p(x) from AIS with --ais, else from "
-        "importance sampling with --num-samples",
+        "importance sampling with --num-samples (default: off)",
     )
 
 
