@@ -541,7 +541,10 @@ def evaluate(
     ``evaluation_metrics(x, y) -> dict`` is called on the whole split and its numbers stored in
     ``report.extra``. ``num_points``: evaluate a seeded subset of that many points
     (:func:`subset_points` with ``seed``); ``report.split_points`` keeps the split's size.
-    ``progress``: a progress bar, shown only when stderr is a terminal.
+    ``progress``: a progress bar, shown only when stderr is a terminal. Inside a
+    ``torch.distributed`` process group the batches are dealt to the ranks, each batch's draws
+    seeded from ``(seed, batch index)``, and every rank returns the whole report in point order
+    (:mod:`ppvae.inference.distributed`).
     """
     if not (callable(getattr(module, "model", None)) and callable(getattr(module, "guide", None))):
         raise PPVAEError("module must have model(x, y) and guide(x, y) methods (DESIGN §1)")

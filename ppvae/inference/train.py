@@ -331,6 +331,11 @@ def fit(
     drawn (a ``DynamicBinarization``'s draws are binary by construction and are not re-checked).
     A non-finite loss, parameters or validation ELBO raises a ``DivergenceError`` that names the
     last good checkpoint; non-finite parameters are never saved.
+
+    Inside a ``torch.distributed`` process group (``torchrun``; :mod:`ppvae.inference.distributed`)
+    ``batch_size`` is per rank: each rank trains on its share of every global batch of
+    ``world_size × batch_size`` points with the gradients summed over the ranks, validation is
+    sharded, and only rank 0 writes ``run_dir``.
     """
     if epochs < 0 or batch_size < 1:
         raise PPVAEError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
