@@ -44,7 +44,6 @@ latents).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -122,24 +121,18 @@ class _Path:
 
     def __init__(self, target: PosteriorTarget, initial: str):
         self.target, self.initial = target, initial
-        if initial == "prior":
-            # log p(z): the model with its observed sites hidden from the trace.
-            self.prior = copy.copy(target)
-            self.prior.model = poutine.block(target.model, hide_fn=lambda m: m["is_observed"])
 
     def log_start(self, z: torch.Tensor) -> torch.Tensor:
         if self.initial == "guide":
             return self.target.log_guide(z)
-        return self.prior.log_joint(z)
+        return self.target.log_prior(z)
 
     @torch.no_grad()
     def sample_start(self, num_chains: int) -> torch.Tensor:
         """``z_0 ~ f_0``, ``[C, N, D]`` (no graph to the guide's or model's parameters)."""
         if self.initial == "guide":
             return self.target.sample_guide(num_chains)[0]
-        target = self.target
-        trace = target._trace(target.model, num_chains)  # latents drawn from the prior
-        return target.pack({name: trace.nodes[name]["value"] for name in target.sites})
+        return self.target.sample_prior(num_chains)
 
     def evaluate(self, z: torch.Tensor):
         """``(log f_0, log f_1, ∇ log f_0, ∇ log f_1)`` at ``z`` (all detached)."""

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
 
 from ppvae.errors import ContractError, PPVAEError
@@ -43,7 +42,6 @@ from ppvae.inference.importance import (
     default_chunk_size,
     elbo,
     log_marginal,
-    sample_sites,
 )
 from ppvae.inference.program import ProgramData, forked_rng
 
@@ -98,21 +96,18 @@ class GapResult:
 
 def guide_normal_parameters(target: PosteriorTarget) -> tuple[torch.Tensor, torch.Tensor]:
     """Location and scale of a diagonal-Normal guide at every point, packed as ``[N, D]``."""
-    data = target.data
     with torch.no_grad():
-        trace = poutine.trace(target.guide).get_trace(*data.args, **data.kwargs)
+        guide = target.guide_distributions()
     locs, scales = {}, {}
-    for name, site in sample_sites(trace):
-        if site["is_observed"]:
-            continue
-        base = base_distribution(site["fn"])
+    for name, fn in guide.items():
+        base = base_distribution(fn)
         if type(base) is not dist.Normal:
             raise ContractError(
                 f"gap_decomposition fits a local q*(z) of the guide's family and supports "
                 f"diagonal Normal guide sites; site {name!r} is {type(base).__name__} (use "
                 f"ais_log_marginal or log_marginal for the total gap)"
             )
-        shape = site["value"].shape
+        shape = fn.batch_shape + fn.event_shape
         locs[name] = torch.broadcast_to(base.loc, shape)
         scales[name] = torch.broadcast_to(base.scale, shape)
     return target.pack(locs)[0], target.pack(scales)[0]

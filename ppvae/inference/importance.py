@@ -442,6 +442,15 @@ class PosteriorTarget:
     def x(self) -> torch.Tensor:
         return self.data.first
 
+    @property
+    def site_shapes(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
+        """``{site: (slice of the flat vector, shape of the site per point and draw)}``."""
+        shapes = {}
+        for name, (shape, axis, where) in self.sites.items():
+            skip = (0, axis) if self.vectorised else (axis,)
+            shapes[name] = (where, tuple(n for i, n in enumerate(shape) if i not in skip))
+        return shapes
+
     def pack(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Site values (as the sites take them with K particles) -> ``[K, N, D]``."""
         parts = []
@@ -499,6 +508,27 @@ class PosteriorTarget:
     def log_joint(self, z: torch.Tensor) -> torch.Tensor:
         """log p(x_n, z_kn), ``[K, N]``."""
         return self._sum(self._trace(self.model, z.shape[0], self.unpack(z)), z.shape[0])
+
+    def _prior_model(self) -> Callable:
+        """The model with its observed sites hidden: its trace holds p(z) only."""
+        return poutine.block(self.model, hide_fn=lambda msg: msg["is_observed"])
+
+    def sample_prior(self, num_particles: int) -> torch.Tensor:
+        """``z ~ p(z)`` (the model's latent sites drawn from their priors): ``[K, N, D]``. Every
+        latent needs a proper prior."""
+        trace = self._trace(self._prior_model(), num_particles)
+        return self.pack({name: trace.nodes[name]["value"] for name in self.sites})
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z_kn) of the latent sites alone, ``[K, N]``."""
+        trace = self._trace(self._prior_model(), z.shape[0], self.unpack(z))
+        return self._sum(trace, z.shape[0])
+
+    def guide_distributions(self) -> dict[str, object]:
+        """The guide's distribution at every latent site, one draw per point (no particle
+        dimension): ``{site: fn}`` with batch shape ``[N, ...]``."""
+        trace = poutine.trace(self.guide).get_trace(*self.data.args, **self.data.kwargs)
+        return {n: s["fn"] for n, s in sample_sites(trace) if not s["is_observed"]}
 
     def log_guide(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z_kn | x_n), ``[K, N]``."""
