@@ -5,7 +5,8 @@ For a model/guide pair (DESIGN §1) and points x_1 … x_N, :func:`posterior` dr
 * ``"guide"``: the amortised guide, :math:`z \\sim q_φ(z \\mid x_n)`;
 * ``"importance"``: sampling-importance-resampling [1] from M guide draws with the weights
   :math:`\\log w_m = \\log p_θ(x_n, z_m) - \\log q_φ(z_m \\mid x_n)` Pareto-smoothed (PSIS [2],
-  ``arviz.psislw``), then resampled with replacement; exact as M → ∞ when :math:`\\hat k < 0.7`;
+  ``arviz.psislw``), then resampled with replacement: consistent as M → ∞, and reliable at
+  practical M where :math:`\\hat k < 0.7` [2];
 * ``"nuts"``: the No-U-Turn sampler [3] (Pyro's) on :math:`p_θ(z \\mid x_n) ∝ p_θ(x_n, z)` with
   the decoder fixed — the reference that does not trust the guide.
 
@@ -131,13 +132,17 @@ def _resample(log_w: torch.Tensor, khat: torch.Tensor, num: int, seed: int) -> t
 
 
 def _nuts_chain(
-    target: PosteriorTarget, init: torch.Tensor, num_samples: int, warmup: int, options: dict
+    target: PosteriorTarget,
+    init: torch.Tensor,
+    num_samples: int,
+    warmup: int,
+    options: dict,
+    progress: bool,
 ):
     """One NUTS chain on all points' latents at once: ``([num_samples, N, D], divergent idx)``."""
     from pyro.infer.mcmc import MCMC, NUTS
 
     num_data, dim = target.num_data, target.dim
-    progress = options.pop("_progress", False)
 
     def potential(params):
         return -target.log_joint(params["z"].reshape(1, num_data, dim)).sum()
@@ -267,9 +272,7 @@ def _nuts(target, num_samples, num_chains, warmup, options, progress):
         inits, _ = target.sample_guide(num_chains)  # [C, N, D]: distinct starts
     chains, diverging = [], np.zeros((num_chains, num_samples), dtype=bool)
     for chain in range(num_chains):
-        draws, divergent = _nuts_chain(
-            target, inits[chain], num_samples, warmup, dict(options, _progress=progress)
-        )
+        draws, divergent = _nuts_chain(target, inits[chain], num_samples, warmup, options, progress)
         chains.append(draws)
         diverging[chain, divergent] = True
     z = torch.cat(chains)  # [C * S, N, D]
