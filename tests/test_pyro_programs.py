@@ -887,3 +887,59 @@ def test_posterior_target_densities_on_both_particle_paths(program):
     loc = target.guide_distributions()["z"].mean
     assert loc.shape == (6, LATENT)
     torch.testing.assert_close(loc, module.encoder(x).split(LATENT, dim=1)[0])
+
+
+# issue 11: the Python API validates the data against the program on entry -----------------------
+
+
+def test_a_single_one_dimensional_point_is_refused_not_read_as_many_points(digits):
+    from ppvae.errors import PPVAEError
+    from ppvae.models import VAE
+
+    module = VAE(digits.input_dim, latent_dim=2, hidden=(16,))
+    x, _ = digits.split("test")
+    with torch.no_grad():
+        one = log_marginal(module.model, module.guide, x[:1], num_samples=20)
+    assert one.shape == (1,)
+    for call in (
+        lambda: log_marginal(module.model, module.guide, x[0], num_samples=20),
+        lambda: elbo(module.model, module.guide, x[0]),
+    ):
+        with pytest.raises(PPVAEError, match=r"one point .*keep its batch dimension") as error:
+            call()
+        assert "\n" not in str(error.value)
+    with pytest.raises(PPVAEError, match=r"takes \[N, 64\]"):
+        log_marginal(module.model, module.guide, x[:, :63], num_samples=5)
+
+
+def test_user_programs_get_the_layout_nan_and_complex_checks():
+    from ppvae.errors import PPVAEError
+
+    module, x = TutorialPPCA(plate="data"), sample_data()
+    with pytest.raises(
+        ContractError, match=r"guide TutorialPPCA.guide\(x\) failed on data"
+    ) as error:
+        log_marginal(module.model, module.guide, x[0], num_samples=5)  # 4 "points" of one value
+    assert "\n" not in str(error.value)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(PPVAEError, match="NaN/inf"):
+        log_marginal(module.model, module.guide, bad, num_samples=5)
+    with pytest.raises(PPVAEError, match="complex"):
+        log_marginal(module.model, module.guide, x.to(torch.complex128), num_samples=5)
+
+
+def test_fit_refuses_complex_data_before_writing(tmp_path):
+    from ppvae.errors import PPVAEError
+
+    module, x = TutorialPPCA(plate="data"), sample_data()
+    with pytest.raises(PPVAEError, match="complex"):
+        fit(
+            module,
+            x.to(torch.complex128),
+            epochs=1,
+            progress=False,
+            device="cpu",
+            run_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "run").exists()

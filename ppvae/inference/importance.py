@@ -43,6 +43,7 @@ from ppvae.inference.program import (
     VECTORISED,
     ProgramData,
     ProgramInfo,
+    check_inputs,
     forked_rng,
     is_deterministic,
     program_info,
@@ -261,6 +262,7 @@ def log_weights(
     if chunk_size is not None and chunk_size < 1:
         raise PPVAEError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     data = ProgramData.of(x, y)
+    check_inputs(model, guide, data)
     info = program_info(model, guide, data, data_plate)
     if info.subsampled and not scaled:
         raise ContractError(
@@ -404,6 +406,7 @@ class PosteriorTarget:
     ):
         self.model, self.guide = model, guide
         self.data = ProgramData.of(x, y)
+        check_inputs(model, guide, self.data)
         self.info = program_info(model, guide, self.data, data_plate)
         if self.info.enumerated:
             raise ContractError(

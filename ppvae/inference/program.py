@@ -144,6 +144,39 @@ class ProgramData:
         return "(" + ", ".join(parts) + ")"
 
 
+def check_inputs(model: Callable, guide: Callable, data: ProgramData) -> None:
+    """The data checked against the program on entry (estimators, ``PosteriorTarget``): the
+    module's own ``check_data`` where it has one, else no NaN/inf in floating data; no complex
+    data; a zoo model's ``[N, input_dim]`` layout (a single point keeps its batch dimension)."""
+    for value in data.per_point_tensors():
+        if value.is_complex():
+            raise PPVAEError(
+                f"the data are complex ({value.dtype}); pass real values (e.g. .real or .abs())"
+            )
+    owner = _owner(model, guide)
+    input_dim = getattr(owner, "hparams", {}).get("input_dim") if owner is not None else None
+    x = data.first
+    if isinstance(input_dim, int) and x.is_floating_point():
+        if x.dim() == 1 and x.shape[0] == input_dim:
+            raise PPVAEError(
+                f"x has shape {list(x.shape)}: one point of a model of {input_dim} inputs; keep "
+                "its batch dimension (x[:1] or x.unsqueeze(0)) so it is one point, not "
+                f"{input_dim} points"
+            )
+        if x.dim() != 2 or x.shape[1] != input_dim:
+            raise PPVAEError(
+                f"x has shape {list(x.shape)} but this model takes [N, {input_dim}] (N points of "
+                f"{input_dim} values); flatten or select the features it was built for"
+            )
+    check = getattr(owner, "check_data", None)
+    if callable(check):
+        check(x)
+        return
+    for value in data.per_point_tensors():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise PPVAEError("the data contain NaN/inf values; remove or impute them first")
+
+
 def _signature_text(fn: Callable) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", type(fn).__name__)
     try:

@@ -483,6 +483,8 @@ def _check_data(module, data, batches: _Batches, validation) -> ProgramData:
     module_check = getattr(module, "check_data", None)
 
     def check(x: torch.Tensor, source: str) -> None:
+        if x.is_complex():
+            raise PPVAEError(f"{source} are complex ({x.dtype}); pass real values")
         if module_check is not None:
             module_check(x)
         else:
