@@ -198,17 +198,17 @@ def all_reduce_gradients(params: Sequence[torch.Tensor]) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads] + [present.to(group[0].device)])
         with _collective("summing the gradients"):
             dist.all_reduce(flat)
-        offset = 0
-        flags = flat[-len(group) :]
-        for p, grad, flag in zip(group, grads, flags.tolist(), strict=True):
+        offset, flags = 0, None
+        for index, (p, grad) in enumerate(zip(group, grads, strict=True)):
             value = flat[offset : offset + grad.numel()].view_as(grad)
             offset += grad.numel()
-            if flag == 0:
-                p.grad = None
-            elif p.grad is None:
-                p.grad = value.clone()
-            else:
+            if p.grad is not None:
                 p.grad.copy_(value)
+                continue
+            if flags is None:  # a host sync on a GPU, only where a gradient is missing here
+                flags = flat[-len(group) :].tolist()
+            if flags[index] > 0:
+                p.grad = value.clone()
 
 
 def sum_over_ranks(*values: float | torch.Tensor) -> tuple[float, ...]:
