@@ -48,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if distributed.init_from_environment():  # torchrun: rank 0 creates the run, the others open it
         if not distributed.is_writer():
-            return _other_rank(args, distributed.from_rank0(None, "waiting for rank 0's run"))
+            path = distributed.from_rank0(None, "waiting for rank 0's run", training=False)
+            return _other_rank(args, path)
     options = given_run_options(args)
     if options.get("data_dir") is not None:
         options["data_dir"] = str(Path(options["data_dir"]).expanduser().resolve())
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         training = Run.load(args.run_dir).resume_with(**options)
     else:
         training = Run.create(args.run_dir, **options)
-    distributed.from_rank0(str(training.path), "sharing the run")  # its config.json is written
+    distributed.from_rank0(str(training.path), "sharing the run", training=False)  # config written
     outcome = training.train(
         resume=args.resume, progress=args.progress, log=lambda line: print(f"ppvae: {line}")
     )

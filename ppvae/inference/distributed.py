@@ -94,8 +94,9 @@ def _collective_device() -> torch.device:
 
 
 @contextmanager
-def _collective(what: str) -> Iterator[None]:
-    """A failed collective as one line on the ranks still alive."""
+def _collective(what: str, training: bool = True) -> Iterator[None]:
+    """A failed collective as one line on the ranks still alive (``training``: with the hint that
+    completed epochs resume)."""
     try:
         yield
     except RuntimeError as error:  # torch.distributed.DistError and backend errors
@@ -104,8 +105,8 @@ def _collective(what: str) -> Iterator[None]:
         raise PPVAEError(
             f"rank {rank()} of {world_size()}: {what} failed because another rank stopped (it "
             f"died or raised an error; see its own message) or did not answer within the process "
-            f"group's timeout ({detail}); the job ends (training: continue from the last "
-            "checkpoint with --resume)"
+            f"group's timeout ({detail}); the job ends"
+            + ("; completed epochs are checkpointed: continue with --resume" if training else "")
         ) from None
 
 
@@ -222,12 +223,13 @@ def sum_over_ranks(*values: float | torch.Tensor) -> tuple[float, ...]:
     return tuple(total.tolist())
 
 
-def from_rank0(value, what: str = "sharing rank 0's epoch record"):
-    """Rank 0's ``value`` (a picklable object) on every rank."""
+def from_rank0(value, what: str = "sharing rank 0's epoch record", training: bool = True):
+    """Rank 0's ``value`` (a picklable object) on every rank; ``what`` and ``training`` word the
+    error when it fails."""
     if not active() or world_size() == 1:
         return value
     box = [value]
-    with _collective(what):
+    with _collective(what, training):
         dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
 
@@ -294,7 +296,7 @@ def gather_batches(parts: dict, ladder_parts: dict, first: tuple, seed: int, dev
         return parts, ladder_parts, first
     shards = world_size()
     everything: list = [None] * shards
-    with _collective("gathering the evaluation results"):
+    with _collective("gathering the evaluation results", training=False):
         dist.all_gather_object(everything, (parts, ladder_parts, first))
 
     def interleave(pieces: list[dict]) -> dict:
