@@ -322,6 +322,26 @@ def test_the_command_line_evaluates_in_shards(job, tmp_path):
     assert finished.stdout.count("evaluations/test-K16-N50") == 1  # rank 0's table only
 
 
+@pytest.mark.parametrize("num_points", [1, 3, 13, 50, 51, 52])
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_rank_shares_make_up_the_one_process_batches(num_points, shards):
+    """Step by step, the ranks' shares of an epoch's order are the one-process batch of
+    ``shards × batch_size`` points, in order, sizes within one of each other; only a last global
+    batch with fewer points than ranks is left out."""
+    batch_size = 4
+    order = torch.randperm(num_points, generator=torch.Generator().manual_seed(num_points))
+    shares = [list(distributed.batch_indices(order, batch_size, r, shards)) for r in range(shards)]
+    one_process = list(distributed.batch_indices(order, shards * batch_size, 0, 1))
+    steps = distributed.num_batches(num_points, batch_size, shards)
+    assert all(len(rank_shares) == steps for rank_shares in shares)
+    for step in range(steps):
+        parts = [rank_shares[step] for rank_shares in shares]
+        assert torch.equal(torch.cat(parts), one_process[step])
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1 and min(map(len, parts)) >= 1
+    left_out = one_process[steps:]
+    assert len(left_out) <= 1 and all(len(batch) < shards for batch in left_out)
+
+
 def test_a_killed_rank_ends_the_job_with_one_line(job):
     """Rank 1 exits mid-epoch 2 without a word; rank 0 stops with one line at once, not after
     the timeout, and the first epoch's checkpoint is there to resume from."""

@@ -125,12 +125,15 @@ def shard_bounds(num_items: int, shard: int, num_shards: int) -> tuple[int, int]
     return shard * num_items // num_shards, (shard + 1) * num_items // num_shards
 
 
-def batch_indices(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+def batch_indices(
+    order: torch.Tensor, batch_size: int, shard: int | None = None, shards: int | None = None
+) -> Iterator[torch.Tensor]:
     """This rank's batches of an epoch's point ``order``: in one process ``batch_size`` points at a
     time; in a group, this rank's share of each global batch of ``world_size × batch_size``
     points. A last global batch with fewer points than ranks is left out, so that every rank takes
-    the same number of steps."""
-    shard, shards = rank(), world_size()
+    the same number of steps. ``shard`` / ``shards`` default to this rank and the world size."""
+    shard = rank() if shard is None else shard
+    shards = world_size() if shards is None else shards
     step = shards * batch_size
     for start in range(0, order.shape[0], step):
         chunk = order[start : start + step]
@@ -140,9 +143,9 @@ def batch_indices(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor
         yield chunk[low:high]
 
 
-def num_batches(num_points: int, batch_size: int) -> int:
+def num_batches(num_points: int, batch_size: int, shards: int | None = None) -> int:
     """How many batches :func:`batch_indices` yields for ``num_points`` points."""
-    shards = world_size()
+    shards = world_size() if shards is None else shards
     full, rest = divmod(num_points, shards * batch_size)
     return full + (rest >= shards)
 
