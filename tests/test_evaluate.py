@@ -456,7 +456,7 @@ def test_json_round_trip_and_figures(tmp_path):
     saved = json.loads(text)
     assert saved["ladder"] == {"1": report.ladder[1], "10": report.ladder[10], "200": report.log_px}
     assert saved["per_point"]["log_px"] == report.log_px_per_point.tolist()
-    assert saved["per_point"]["khat"] == [None] * 6  # -inf (equal weights) is not valid JSON
+    assert saved["per_point"]["khat"] == ["-inf"] * 6  # equal weights; not a JSON number
     restored = EvaluationReport.from_dict(saved)
     torch.testing.assert_close(restored.log_px_per_point, report.log_px_per_point)
     torch.testing.assert_close(restored.ladder_per_point[10], report.ladder_per_point[10])

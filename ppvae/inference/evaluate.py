@@ -153,7 +153,8 @@ class EvaluationReport:
     reconstruction_bce_per_point: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: floats, strings, lists; non-finite numbers become None."""
+        """JSON-safe: floats, strings, lists; NaN becomes None and ±inf the strings "inf" /
+        "-inf" (a k̂ of equal weights), so a loaded report keeps them apart."""
         out: dict[str, Any] = {}
         per_point: dict[str, Any] = {}
         for f in fields(self):
@@ -279,6 +280,8 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_value(v) for k, v in value.items()}
     if isinstance(value, (float, np.floating)):
+        if math.isinf(value):  # k̂ of equal weights: kept apart from "not estimated"
+            return "inf" if value > 0 else "-inf"
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
@@ -286,7 +289,9 @@ def _json_value(value: Any) -> Any:
 
 
 def _tensor(values: list) -> torch.Tensor:
-    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
+    return torch.tensor(
+        [math.nan if v is None else float(v) for v in values], dtype=torch.float64
+    )
 
 
 # --- per-batch pieces ---------------------------------------------------------------------------
