@@ -89,11 +89,8 @@ def resolve_module(model_or_run: Any):
 
 def _point_shapes(target: PosteriorTarget) -> dict[str, tuple[slice, tuple[int, ...]]]:
     """site -> (its slice of the flat latents, its value shape for one point and one draw)."""
-    vectorised = getattr(target, "vectorised", True)
     shapes = {}
-    for name, (shape, axis, where) in target.sites.items():
-        drop = (0, axis) if vectorised else (axis,)
-        rest = tuple(size for i, size in enumerate(shape) if i not in drop)
+    for name, (where, rest) in target.site_shapes.items():
         if math.prod(rest) != where.stop - where.start:  # broadcast dims: keep it flat
             rest = (where.stop - where.start,)
         shapes[name] = (where, rest)

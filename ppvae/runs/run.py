@@ -43,7 +43,7 @@ CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
 RUN_FILES = (CONFIG_FILE, REPORT_FILE, "metrics.jsonl")
 CHECKPOINTS = ("best", "last")
-DERIVED_FOLDERS = ("evaluations", "samples", "figures")
+DERIVED_FOLDERS = ("evaluations", "samples", "figures", "posterior")
 SAMPLE_SUFFIXES = (".png", ".npy")
 # options that may change when a run is resumed: none of them changes the model or the data
 RESUMABLE = ("epochs", "eval_samples", "eval_points", "device", "lr")
