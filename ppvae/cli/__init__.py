@@ -12,6 +12,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+import matplotlib
+
 from ppvae.checkpoint import one_line
 from ppvae.cli.parser import COMMANDS, build_parser, build_parsers
 from ppvae.errors import PPVAEError
@@ -22,6 +24,7 @@ __all__ = ["COMMANDS", "build_parser", "build_parsers", "main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ppvae ARGV``; returns the exit code (argparse exits itself on bad options)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    matplotlib.use("Agg")  # the command line writes figure files; the library leaves it alone
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
     try:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def ais_cost(num_steps: int, num_chains: int, leapfrog_steps: int, warmup_steps: int) -> int:

@@ -8,16 +8,13 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from ppvae.errors import PPVAEError  # noqa: E402
-from ppvae.plots.latent import interpolation_figure, latent_map_figure, show_images  # noqa: E402
-from ppvae.plots.samples import prior_samples_layout  # noqa: E402
+from ppvae.errors import PPVAEError
+from ppvae.plots.latent import interpolation_figure, latent_map_figure, show_images
+from ppvae.plots.samples import prior_samples_layout
 
 COLUMNS = ("latent map", "samples from the prior", "interpolations")
 

@@ -10,13 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from ppvae.inference.evaluate import EvaluationReport  # noqa: E402
+from ppvae.inference.evaluate import EvaluationReport
 
 
 def plot_report(report: EvaluationReport | dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -25,22 +25,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from ppvae.errors import PPVAEError  # noqa: E402
-from ppvae.inference.regularity import (  # noqa: E402
+from ppvae.errors import PPVAEError
+from ppvae.inference.regularity import (
     decode,
     encoded_means,
     interpolate,
     latent_site,
     random_pairs,
 )
-from ppvae.plots.samples import _tile  # noqa: E402
+from ppvae.plots.samples import _tile
 
 PROJECTIONS = ("auto", "exact", "pca")
 
