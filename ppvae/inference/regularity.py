@@ -245,6 +245,25 @@ def random_pairs(num_points: int, num_pairs: int, seed: int = 0) -> tuple[torch.
     return first, (first + shift) % num_points
 
 
+def interpolate_pairs(
+    module, x, y=None, *, num_pairs: int, seed: int = 0, steps: int, method: str, site=None
+):
+    """``(first, second, path)``: ``num_pairs`` seeded pairs of points of ``x`` and the decoded
+    interpolation path between each pair (:func:`interpolate`)."""
+    first, second = random_pairs(x.shape[0], num_pairs, seed)
+    path = interpolate(
+        module,
+        x[first],
+        x[second],
+        None if y is None else y[first],
+        None if y is None else y[second],
+        steps=steps,
+        method=method,
+        site=site,
+    )
+    return first, second, path
+
+
 @dataclass
 class Continuity:
     """Decoded change per step along interpolation paths (RMS per output element)."""
@@ -276,16 +295,8 @@ def continuity(
     site: str | None = None,
 ) -> Continuity:
     """Continuity along ``num_pairs`` seeded interpolation paths between points of ``x``."""
-    first, second = random_pairs(x.shape[0], num_pairs, seed)
-    path = interpolate(
-        module,
-        x[first],
-        x[second],
-        None if y is None else y[first],
-        None if y is None else y[second],
-        steps=steps,
-        method=method,
-        site=site,
+    _, _, path = interpolate_pairs(
+        module, x, y, num_pairs=num_pairs, seed=seed, steps=steps, method=method, site=site
     )
     images = path.images.double()
     step = (images[:, 1:] - images[:, :-1]).norm(dim=-1) / math.sqrt(images.shape[-1])  # [P, T-1]

@@ -33,9 +33,8 @@ from ppvae.errors import PPVAEError
 from ppvae.inference.regularity import (
     decode,
     encoded_means,
-    interpolate,
+    interpolate_pairs,
     latent_site,
-    random_pairs,
 )
 from ppvae.plots.samples import _tile
 
@@ -232,16 +231,8 @@ def interpolation_figure(
 ) -> Figure:
     """One panel: ``num_pairs`` rows, each the first input, the decoded path between the guide
     means of two seeded test inputs (``steps`` codes), and the second input."""
-    first, second = random_pairs(x.shape[0], num_pairs, seed)
-    path = interpolate(
-        module,
-        x[first],
-        x[second],
-        None if y is None else y[first],
-        None if y is None else y[second],
-        steps=steps,
-        method=method,
-        site=site,
+    first, second, path = interpolate_pairs(
+        module, x, y, num_pairs=num_pairs, seed=seed, steps=steps, method=method, site=site
     )
     rows = torch.cat([x[first, None].cpu(), path.images.cpu(), x[second, None].cpu()], dim=1)
     fig = ax.figure if ax is not None else plt.figure(figsize=((steps + 2) * 0.6, num_pairs * 0.7))
