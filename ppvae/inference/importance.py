@@ -24,6 +24,7 @@ drawn in chunks, so peak memory is set by ``chunk_size``, not by K.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,11 +32,13 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import Delta
+from pyro.distributions import Bernoulli, Delta, Independent
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from torch.distributions import constraints
+from torch.distributions.utils import _sum_rightmost, broadcast_all
+from torch.nn import functional as F
 
 from ppvae.errors import ContractError, PPVAEError
 from ppvae.inference.program import (
@@ -94,13 +97,27 @@ def site_log_prob(
     ``particle_dim``: the particle plate's dim, or None when the particles are replicated along
     the data plate (row ``k * num_data + n`` of the data dim is particle k of point n).
     """
-    log_prob = site["fn"].log_prob(site["value"])
+    log_prob = _log_prob(site["fn"], site["value"])
     if site["mask"] is not None:
         log_prob = log_prob * site["mask"]
     if scaled and site["scale"] is not None:
         log_prob = log_prob * site["scale"]
     data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == data_plate)
     return _to_points(log_prob, data_dim, particle_dim, num_particles, num_data, site["name"])
+
+
+def _log_prob(fn, value) -> torch.Tensor:
+    """``fn.log_prob(value)``. Without gradients (evaluation), ``Bernoulli.to_event`` is summed
+    as −Σ BCE instead of Σ (−BCE): the same numbers bit for bit (negation is exact, the sum's
+    order unchanged) with one pass over the ``[K, N, D]`` elements fewer."""
+    if type(fn) is Independent and type(fn.base_dist) is Bernoulli and not torch.is_grad_enabled():
+        base = fn.base_dist
+        if base._validate_args:  # noqa: SLF001
+            base._validate_sample(value)  # noqa: SLF001
+        logits, value = broadcast_all(base.logits, value)
+        bce = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return -_sum_rightmost(bce, fn.reinterpreted_batch_ndims)
+    return fn.log_prob(value)
 
 
 def _to_points(log_prob, data_dim, particle_dim, num_particles, num_data, name) -> torch.Tensor:
@@ -283,13 +300,29 @@ def chunked_log_weights(
     *,
     scaled: bool = False,
 ) -> torch.Tensor:
-    """:func:`chunk_log_weights` over ``num_particles`` in chunks: ``[num_particles, N]``."""
+    """:func:`chunk_log_weights` over ``num_particles`` in chunks: ``[num_particles, N]``.
+
+    Pyro's argument and support checks (when enabled) run on the first chunk only: the data are
+    the same in every chunk, and a NaN in a later chunk's particles still shows in its weights.
+    """
     chunk = chunk_size or default_chunk_size(num_particles, data.num_points)
     chunks = []
     for start in range(0, num_particles, chunk):
         size = min(chunk, num_particles - start)
-        chunks.append(chunk_log_weights(model, guide, data, size, info, scaled=scaled)[0])
+        with contextlib.nullcontext() if start == 0 else _validation_off():
+            chunks.append(chunk_log_weights(model, guide, data, size, info, scaled=scaled)[0])
     return torch.cat(chunks, dim=0)
+
+
+@contextlib.contextmanager
+def _validation_off():
+    """Pyro's (and torch's) distribution checks off for a block, both flags restored after it."""
+    torch_flag = torch.distributions.Distribution._validate_args  # noqa: SLF001
+    try:
+        with pyro.validation_enabled(False):
+            yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(torch_flag)
 
 
 def elbo(
