@@ -10,8 +10,16 @@ through ``/proc/self/clear_refs`` before each setting) over the resident set bef
 told to mmap (and unmap on free) every block over 64 KiB so that RSS follows live memory.
 ``--loop-points 0`` skips the loop.
 
+The roofline: the same arithmetic in plain torch (:func:`roofline_log_weights`: encoder once per
+batch, then per particle chunk the decoder, the Bernoulli log-likelihood and the Gaussian
+log-densities of p(z) and q(z|x)) in the same batches and particle chunks, with no Pyro program
+around it: the limit the log-weights can reach on this machine. ``evaluate``, the bare
+``log_weights`` and the roofline are timed ``--repeats`` times, interleaved with the order rotated
+each repeat; medians are reported. The first ``evaluate`` call (probing the program, importing
+arviz) is timed apart as one-off setup.
+
     .venv/bin/python benchmarks/evaluate_speed.py --data-dir ../shared/data \\
-        --num-points 200 --loop-points 3
+        --num-points 200 --loop-points 3 --repeats 3
 """
 
 from __future__ import annotations
@@ -22,14 +30,18 @@ import datetime
 import gc
 import json
 import math
+import os
 import platform
 import re
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pyro
 import torch
+import torch.nn.functional as F
 
 from ppvae.data import load_data
 from ppvae.inference import fit
@@ -152,6 +164,62 @@ def bare_log_marginal(vae, x, args, device) -> tuple[float, float]:
     return time.perf_counter() - tic, time.process_time() - cpu_tic
 
 
+def roofline_log_weights(vae: VAE, xb: torch.Tensor, num_particles: int, chunk: int):
+    """The arithmetic the log-weights need, in plain torch, for ``VAE`` with a Bernoulli
+    likelihood: the encoder once per batch, then per chunk of particles z = μ + σε, the decoder on
+    ``[chunk, B, latent]``, the Bernoulli log-likelihood of x and the Gaussian log-densities of z
+    under p(z) and q(z|x). No Pyro, no checks, no bookkeeping: ``[K, B]``."""
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    loc, scale = vae.encode(xb)  # [B, Z]
+    log_scale_sum = scale.log().sum(-1)  # [B]
+    latent = loc.shape[-1]
+    parts = []
+    for start in range(0, num_particles, chunk):
+        size = min(chunk, num_particles - start)
+        eps = torch.randn(size, *loc.shape, device=loc.device, dtype=loc.dtype)
+        z = loc + scale * eps  # [chunk, B, Z]
+        logits = vae.decoder(z)  # [chunk, B, D]
+        log_px_z = -F.binary_cross_entropy_with_logits(
+            logits, xb.expand_as(logits), reduction="none"
+        ).sum(-1)
+        log_pz = -0.5 * z.square().sum(-1) - latent * half_log_2pi
+        log_qz = -0.5 * eps.square().sum(-1) - log_scale_sum - latent * half_log_2pi
+        parts.append(log_px_z + log_pz - log_qz)
+    return torch.cat(parts)
+
+
+def roofline(vae: VAE, x: torch.Tensor, args, device: torch.device) -> tuple[float, float]:
+    """Wall and CPU seconds of :func:`roofline_log_weights` + ``log_mean_exp`` over ``x`` in the
+    same batches and particle chunks as ``evaluate``."""
+    tic, cpu_tic = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for start in range(0, x.shape[0], args.batch_size):
+            xb = x[start : start + args.batch_size].to(device)
+            chunk = args.chunk_size or default_chunk_size(args.num_samples, xb.shape[0])
+            log_mean_exp(roofline_log_weights(vae, xb, args.num_samples, chunk))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic, time.process_time() - cpu_tic
+
+
+def _commit() -> str | None:
+    """The commit measured (``+dirty`` when ppvae/ has uncommitted changes), if in a git tree."""
+    try:
+        run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        head = run("git", "rev-parse", "--short", "HEAD").strip()
+        return head + ("+dirty" if run("git", "status", "--porcelain", "ppvae").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (others' work on a shared machine)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -178,8 +246,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-epochs", type=int, default=0)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved timed runs of each path (medians)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     vae, test_x = build(args, device)
     x = test_x[: args.num_points]
@@ -195,30 +269,64 @@ def main() -> None:
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
         "chunk_size": args.chunk_size,
+        "load_average_at_start": _load_average(),
+        "commit": _commit(),
     }
 
-    # warm-up: first-call costs (imports such as arviz, kernels, allocator) out of the timings
+    # one-off setup, timed apart: the first call probes the program (cached per module) and
+    # imports arviz; then a warm-up of every timed path, so first-call costs stay out of the rates
+    tic = time.perf_counter()
     evaluate(vae, x[:2], num_samples=64, device=device, progress=False)
-    tic, cpu_tic = time.perf_counter(), time.process_time()
-    report = evaluate(
-        vae,
-        x,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        device=device,
-        progress=False,
-    )
-    evaluate_seconds = time.perf_counter() - tic
-    evaluate_cpu_seconds = time.process_time() - cpu_tic
-    bare_seconds, bare_cpu_seconds = bare_log_marginal(vae, x, args, device)
+    setup_seconds = time.perf_counter() - tic
+    bare_log_marginal(vae, x[:2], args, device)
+    roofline(vae, x[:2], args, device)
+    report = None
+
+    def run_evaluate():
+        nonlocal report
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        report = evaluate(
+            vae,
+            x,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            device=device,
+            progress=False,
+        )
+        return time.perf_counter() - tic, time.process_time() - cpu_tic
+
+    timed = {
+        "evaluate": run_evaluate,
+        "log_marginal": lambda: bare_log_marginal(vae, x, args, device),
+        "roofline": lambda: roofline(vae, x, args, device),
+    }
+    wall: dict[str, list[float]] = {name: [] for name in timed}
+    cpu: dict[str, list[float]] = {name: [] for name in timed}
+    names = list(timed)
+    for repeat in range(args.repeats):
+        # interleaved, the order rotated each repeat, so load drifts hit every path alike
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            seconds, cpu_seconds = timed[name]()
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+    median = {name: statistics.median(values) for name, values in wall.items()}
+    median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
+    n = x.shape[0]
     results.update(
         {
-            "num_points": x.shape[0],
-            "evaluate_points_per_s": x.shape[0] / evaluate_seconds,
-            "log_marginal_points_per_s": x.shape[0] / bare_seconds,
-            "evaluate_cpu_seconds_per_point": evaluate_cpu_seconds / x.shape[0],
-            "log_marginal_cpu_seconds_per_point": bare_cpu_seconds / x.shape[0],
+            "num_points": n,
+            "repeats": args.repeats,
+            "setup_seconds_first_call": setup_seconds,
+            "evaluate_points_per_s": n / median["evaluate"],
+            "log_marginal_points_per_s": n / median["log_marginal"],
+            "roofline_points_per_s": n / median["roofline"],
+            "evaluate_vs_roofline_time_ratio": median["evaluate"] / median["roofline"],
+            "log_marginal_vs_roofline_time_ratio": median["log_marginal"] / median["roofline"],
+            "evaluate_cpu_seconds_per_point": median_cpu["evaluate"] / n,
+            "log_marginal_cpu_seconds_per_point": median_cpu["log_marginal"] / n,
+            "roofline_cpu_seconds_per_point": median_cpu["roofline"] / n,
+            "raw_wall_seconds": wall,
             "mean_log_px": report.log_px,
             "khat_share_above_0.7": report.khat_share_above,
         }
@@ -242,10 +350,13 @@ def main() -> None:
                 ),
             }
         )
+    results["load_average_after_timings"] = _load_average()
     if not args.skip_memory:
         results["peak_memory"] = memory_table(args, device, vae, test_x)
 
     for key, value in results.items():
+        if key == "raw_wall_seconds":
+            value = {name: [round(t, 2) for t in times] for name, times in value.items()}
         if key == "peak_memory":
             for row in value:
                 print(f"{'peak_memory':36s} {row}")
