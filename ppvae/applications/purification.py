@@ -59,13 +59,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from ppvae.errors import ContractError, PPVAEError
+from ppvae.inference.importance import chunk_log_weights, sample_sites
+from ppvae.inference.program import VECTORISED, ProgramData, program_info
 
 CORRUPTIONS = ("gaussian-noise", "salt-and-pepper", "occlusion", "missing-pixels")
 DEFAULT_LEVELS = {
@@ -75,7 +75,6 @@ DEFAULT_LEVELS = {
     "missing-pixels": 0.5,
 }
 METHODS = ("encoder-mean", "iterate", "importance", "impute")
-PARTICLE_PLATE = "_ppvae_purify_particles"
 # at most this many particle x point x entry values per forward pass
 ELEMENT_BUDGET = 2**24
 
@@ -171,67 +170,21 @@ def _base(fn):
     return fn
 
 
-def _sites(trace):
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
-
-
-def _plate_nesting(model, guide, x, y) -> int:
-    args = (x[:1],) if y is None else (x[:1], y[:1])
-    with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x)):
-        guide_trace = poutine.trace(guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    frames = [
-        f
-        for trace in (model_trace, guide_trace)
-        for _, site in _sites(trace)
-        for f in site["cond_indep_stack"]
-        if f.vectorized
-    ]
-    return max([-f.dim for f in frames], default=0)
-
-
-def _per_particle_point(log_prob, particle_dim, data_dim, num_particles, num_data):
-    ndim = -particle_dim
-    log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
-    others = [d for d in range(-ndim, 0) if d not in (particle_dim, data_dim)]
-    if others:
-        log_prob = log_prob.sum(dim=others, keepdim=True)
-    log_prob = log_prob.reshape(log_prob.shape[0], log_prob.shape[data_dim])
-    return log_prob.expand(num_particles, num_data)
-
-
-def _weights_and_moments(module, x, y, num_particles, visible, data_plate, site, nesting):
-    """(log w ``[K, N]``, decoder means and variances ``[K, N, ...]``) of one chunk."""
-    particle_dim = -(nesting + 1)
+def _weights_and_moments(module, data: ProgramData, num_particles, visible, site, info):
+    """(log w ``[K, N]``, decoder means and variances ``[K, N, ...]``) of one chunk: the one
+    log-weight implementation (``chunk_log_weights``) on the model with its observed site
+    masked to ``visible`` when given."""
     model = module.model if visible is None else MaskObserved(visible, site)(module.model)
-    args = (x,) if y is None else (x, y)
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(module.guide).get_trace(*args)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-    num_data = x.shape[0]
-    log_w = x.new_zeros(num_particles, num_data)
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for name, s in _sites(trace):
-            frames = [f for f in s["cond_indep_stack"] if f.name == data_plate]
-            if not frames:
-                raise ContractError(
-                    f"site {name!r} is outside the {data_plate!r} plate; pass data_plate= to name "
-                    "the plate that holds the data points"
-                )
-            log_prob = s["fn"].log_prob(s["value"])
-            if s["mask"] is not None:
-                log_prob = log_prob * s["mask"]
-            log_w = log_w + sign * _per_particle_point(
-                log_prob, particle_dim, frames[0].dim, num_particles, num_data
-            )
-    observed = {name: s for name, s in _sites(model_trace) if s["is_observed"]}
+    log_w, (model_trace, _) = chunk_log_weights(
+        model, module.guide, data, num_particles, info, keep_traces=True
+    )
+    observed = {name: s for name, s in sample_sites(model_trace) if s["is_observed"]}
     wanted = site if site is not None else ("x" if "x" in observed else next(iter(observed), None))
     if wanted not in observed:
         raise ContractError(
             f"the model observes no site named {wanted!r}; observed sites: {sorted(observed)}"
         )
+    x = data.first
     base = _base(observed[wanted]["fn"])
     mean = base.mean.expand(num_particles, *x.shape)
     variance = _variance(base).expand(num_particles, *x.shape)
@@ -261,7 +214,7 @@ def importance_restore(
     *,
     num_particles: int = 1000,
     visible: torch.Tensor | None = None,
-    data_plate: str = "data",
+    data_plate: str | None = None,
     site: str | None = None,
     seed: int = 0,
 ) -> ImportanceRestoration:
@@ -281,15 +234,21 @@ def importance_restore(
     parts = []
     with torch.no_grad(), torch.random.fork_rng(devices=_cuda(x)):
         torch.manual_seed(seed)
-        nesting = _plate_nesting(module.model, module.guide, x, y)
+        info = program_info(module.model, module.guide, ProgramData.of(x, y), data_plate)
+        if info.particles != VECTORISED:
+            raise ContractError(
+                "importance restoration and imputation need a program that broadcasts over a "
+                f"particle dimension; this one does not ({info.particle_note})"
+            )
         per_point = num_particles * max(1, x[0].numel())
         step = max(1, ELEMENT_BUDGET // per_point)
         for start in range(0, x.shape[0], step):
             xs = x[start : start + step]
             vs = None if visible is None else visible[start : start + step]
             ys = None if y is None else y[start : start + step]
+            data = ProgramData.of(xs, ys)
             log_w, mean, variance = _weights_and_moments(
-                module, xs, ys, num_particles, vs, data_plate, site, nesting
+                module, data, num_particles, vs, site, info
             )
             weights = torch.softmax(log_w, dim=0)  # [K, n]
             w = weights.reshape(*weights.shape, *(1,) * (xs.dim() - 1))

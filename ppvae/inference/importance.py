@@ -199,12 +199,14 @@ def chunk_log_weights(
     *,
     scaled: bool = False,
     keep_values: bool = False,
+    keep_traces: bool = False,
     guide_values: dict | None = None,
     point_masses_refused: bool = True,
 ):
     """``(log_w [num_particles, N], latent values)`` of one particle chunk, on the path ``info``
     chose: particles in a plate left of the program's plates (``vectorised``), or the data
-    replicated along the data plate (``replicated``). ``keep_values``: return the guide's latent
+    replicated along the data plate (``replicated``). ``keep_traces``: return the model and guide
+    traces (``(model_trace, guide_trace)``); ``keep_values``: return the guide's latent
     values and sites (``{name: (value, site)}``), else None."""
     num_data = data.num_points
     if info.particles == VECTORISED:
@@ -239,6 +241,8 @@ def chunk_log_weights(
                 log_w = log_w + sign * site_log_prob(
                     site, info.data_plate, particle_dim, num_particles, num_data, scaled
                 )
+    if keep_traces:
+        return log_w, (model_trace, guide_trace)
     values = None
     if keep_values:
         values = {
