@@ -208,12 +208,17 @@ def splits():
 
 @contextmanager
 def _one_rank_group(folder: Path):
-    """A process group of this process alone: evaluate seeds its batches as in any group."""
+    """A process group of this process alone: evaluate seeds its batches as in any group. One
+    torch thread, as in the torchrun workers (OMP_NUM_THREADS=1): the same summation order, so
+    the comparison can be exact whatever thread count the test process has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads)
 
 
 def _max_difference(a: dict, b: dict) -> float:
