@@ -30,11 +30,8 @@ import datetime
 import gc
 import json
 import math
-import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +39,11 @@ from pathlib import Path
 import pyro
 import torch
 import torch.nn.functional as F
+from run_record import (  # benchmarks/run_record.py, beside this script
+    commit,
+    cpu_name,
+    load_average,
+)
 
 from ppvae.data import load_data
 from ppvae.inference import fit
@@ -202,33 +204,8 @@ def roofline(vae: VAE, x: torch.Tensor, args, device: torch.device) -> tuple[flo
     return time.perf_counter() - tic, time.process_time() - cpu_tic
 
 
-def _commit() -> str | None:
-    """The commit measured (``+dirty`` when ppvae/ has uncommitted changes), if in a git tree."""
-    try:
-        run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        head = run("git", "rev-parse", "--short", "HEAD").strip()
-        return head + ("+dirty" if run("git", "status", "--porcelain", "ppvae").strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (others' work on a shared machine)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     text = f"{cpu}, {torch.get_num_threads()} torch threads"
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)}; host {text}"
@@ -269,8 +246,8 @@ def main() -> None:
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
         "chunk_size": args.chunk_size,
-        "load_average_at_start": _load_average(),
-        "commit": _commit(),
+        "load_average_at_start": load_average(),
+        "commit": commit(),
     }
 
     # one-off setup, timed apart: the first call probes the program (cached per module) and
@@ -350,7 +327,7 @@ def main() -> None:
                 ),
             }
         )
-    results["load_average_after_timings"] = _load_average()
+    results["load_average_after_timings"] = load_average()
     if not args.skip_memory:
         results["peak_memory"] = memory_table(args, device, vae, test_x)
 

@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -39,6 +36,11 @@ import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from run_record import (  # benchmarks/run_record.py, beside this script
+    commit,
+    cpu_name,
+    load_average,
+)
 from torch.nn import functional as F
 
 from ppvae.data import load_data
@@ -111,34 +113,6 @@ VARIANTS = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str | None:
-    """The commit measured (``+dirty`` when ppvae/ has uncommitted changes), if in a git tree."""
-    try:
-        run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        head = run("git", "rev-parse", "--short", "HEAD").strip()
-        return head + ("+dirty" if run("git", "status", "--porcelain", "ppvae").strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (others' work on a shared machine)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_setting(name: str, x: torch.Tensor, repeats: int, lr: float) -> dict:
     spec = SETTINGS[name]
     torch.manual_seed(0)
@@ -201,7 +175,7 @@ def main() -> None:
     data = load_data("mnist", data_dir=args.data_dir, binarize="static", seed=0)
     x = data.train_x[: args.num_points].contiguous()
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
-    load_at_start = _load_average()
+    load_at_start = load_average()
     print(f"machine: {machine}; torch {torch.__version__}, pyro {pyro.__version__}")
     results = []
     for name in args.settings:
@@ -224,10 +198,10 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "num_points": args.num_points,
                 "repeats": args.repeats,
-                "commit": _commit(),
+                "commit": commit(),
                 "command": " ".join(["python", *sys.argv]),
                 "load_average_at_start": load_at_start,
-                "load_average_at_end": _load_average(),
+                "load_average_at_end": load_average(),
                 "results": results,
             },
             indent=2,
