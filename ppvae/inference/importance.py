@@ -69,11 +69,6 @@ def base_distribution(fn):
     return fn
 
 
-def plate_nesting(model: Callable, guide: Callable, x, y=None) -> int:
-    """``max_plate_nesting`` of a model/guide pair, read off one probe (cached per module)."""
-    return program_info(model, guide, ProgramData.of(x, y)).nesting
-
-
 def _check_point_masses(guide_trace) -> None:
     for name, site in sample_sites(guide_trace):
         if not site["is_observed"] and isinstance(base_distribution(site["fn"]), Delta):
